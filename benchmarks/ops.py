@@ -1,0 +1,330 @@
+"""Benchmark of the fast paths of ``bmojo.ops`` against their references.
+
+For each sequence length L it times, forward (under ``torch.no_grad``) and forward+backward:
+
+- the SSD scan: ``ssd_chunked`` (fast) vs ``ssd_sequential`` (baseline, a Python loop);
+- the union attention: ``union_attention_chunked`` (fast) vs ``union_attention_reference``
+  (baseline, dense L x L scores), as a B'MOJO layer calls it (raw window, fading tokens and
+  eidetic memory), as plain sliding-window attention, and as full causal attention.
+
+Baseline and fast path run alternately in the same loop, so that machine noise hits both.
+Each row gives the median and the spread (min-max) in ms, and the ratio
+baseline median / fast median, followed by a verdict on the two expected speed-ups.
+
+Run from the repository root::
+
+    PYTHONPATH=src python benchmarks/ops.py                 # L = 256, 1024, 4096
+    PYTHONPATH=src python benchmarks/ops.py --quick         # smoke test, a few seconds
+    PYTHONPATH=src python benchmarks/ops.py --lengths 2048 --repeats 3 --json
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import math
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import Tensor
+
+from bmojo.ops.attention import union_attention_chunked, union_attention_reference
+from bmojo.ops.ssd import ssd_chunked, ssd_sequential
+
+SSD_HEADS, SSD_HEAD_DIM, SSD_GROUPS, SSD_STATE, SSD_CHUNK = 8, 64, 1, 64, 64
+ATTN_HEADS, ATTN_KV_HEADS, ATTN_HEAD_DIM = 8, 4, 64
+WINDOW, FADING_SPAN, ATTN_CHUNK, MEMORY_SLOTS = 256, 256, 256, 64
+
+# Sequential SSD beyond this length is timed with SEQUENTIAL_LONG_REPEATS runs only.
+SEQUENTIAL_LONG_FROM = 2048
+SEQUENTIAL_LONG_REPEATS = 1
+# A configuration whose baseline is estimated to need more memory than this is skipped.
+MEMORY_LIMIT_BYTES = 8 * 2**30
+FP32_BYTES = 4
+
+SSD_TARGET_LENGTH, SSD_TARGET_RATIO = 1024, 10.0
+ATTN_TARGET_FROM = 2048
+MODES = ("fwd", "fwd+bwd")
+
+
+@dataclass
+class Case:
+    """One operation at one length: two functions taking the same keyword arguments."""
+
+    op: str
+    baseline: Callable[..., Tensor | tuple[Tensor, ...]]
+    fast: Callable[..., Tensor | tuple[Tensor, ...]]
+    kwargs: dict[str, object]
+    baseline_peak_bytes: dict[str, int]  # estimated peak memory of the baseline, per mode
+
+
+@dataclass
+class Timing:
+    median_ms: float
+    min_ms: float
+    max_ms: float
+    repeats: int
+
+
+@dataclass
+class Result:
+    op: str
+    mode: str
+    length: int
+    baseline: Timing | None
+    fast: Timing | None
+    ratio: float | None
+    skipped: str | None = None
+
+
+def ssd_case(batch: int, length: int) -> Case:
+    """SSD inputs of a Mamba-2 layer: dt log-uniform in [1e-3, 0.1], A uniform in [-16, -1]."""
+    b, l, h, p, g, n = batch, length, SSD_HEADS, SSD_HEAD_DIM, SSD_GROUPS, SSD_STATE
+    log_dt = torch.empty(b, l, h).uniform_(math.log(1e-3), math.log(0.1))
+    kwargs = {
+        "x": torch.randn(b, l, h, p, requires_grad=True),
+        "dt": log_dt.exp().requires_grad_(),
+        "A": torch.empty(h).uniform_(-16.0, -1.0).requires_grad_(),
+        "B": torch.randn(b, l, g, n, requires_grad=True),
+        "C": torch.randn(b, l, g, n, requires_grad=True),
+        "D": torch.randn(h, requires_grad=True),
+    }
+    # The sequential scan keeps a few [b, h, p, n] states alive per step for backward.
+    states_bytes = b * l * h * p * n * FP32_BYTES
+    return Case(
+        op=f"ssd chunk={SSD_CHUNK}",
+        baseline=ssd_sequential,
+        fast=functools.partial(ssd_chunked, chunk_size=SSD_CHUNK),
+        kwargs=kwargs,
+        baseline_peak_bytes={"fwd": 2 * states_bytes // l, "fwd+bwd": 4 * states_bytes},
+    )
+
+
+def attention_case(
+    batch: int, length: int, window: int | None, fading_span: int, memory_slots: int
+) -> Case:
+    """Union attention inputs; eidetic memory slots sit at random positions in [-1, L)."""
+    b, l, h, hkv, dh = batch, length, ATTN_HEADS, ATTN_KV_HEADS, ATTN_HEAD_DIM
+    q = torch.randn(b, l, h, dh, requires_grad=True)
+    kwargs: dict[str, object] = {
+        "q": q,
+        "k": torch.randn(b, l, hkv, dh, requires_grad=True),
+        "v": torch.randn(b, l, hkv, dh, requires_grad=True),
+        "window": window,
+        "chunk_size": ATTN_CHUNK,
+    }
+    keys = l
+    if fading_span > 0:
+        kwargs["fading_span"] = fading_span
+        kwargs["kf"] = torch.randn(b, l, hkv, dh, requires_grad=True)
+        kwargs["vf"] = torch.randn(b, l, hkv, dh, requires_grad=True)
+        keys += l
+    if memory_slots > 0:
+        nq = math.ceil(l / ATTN_CHUNK)
+        kwargs["mem_k"] = torch.randn(b, nq, memory_slots, hkv, dh, requires_grad=True)
+        kwargs["mem_v"] = torch.randn(b, nq, memory_slots, hkv, dh, requires_grad=True)
+        kwargs["mem_pos"] = torch.randint(-1, l, (b, nq, memory_slots))
+        kwargs["q_mem"] = q
+        keys += nq * memory_slots
+    if window is None:
+        op = "attn causal"
+    else:
+        op = f"attn W={window} F={fading_span} M={memory_slots}"
+    # The dense reference holds about five [b, h, L, keys] fp32 matrices at its peak
+    # (masked scores, concatenation, scaled logits, probabilities, and a gradient).
+    scores_bytes = b * h * l * keys * FP32_BYTES
+    return Case(
+        op=op,
+        baseline=union_attention_reference,
+        fast=union_attention_chunked,
+        kwargs=kwargs,
+        baseline_peak_bytes={"fwd": 4 * scores_bytes, "fwd+bwd": 5 * scores_bytes},
+    )
+
+
+def build_cases(batch: int, length: int) -> list[Case]:
+    return [
+        ssd_case(batch, length),
+        attention_case(batch, length, WINDOW, FADING_SPAN, MEMORY_SLOTS),
+        attention_case(batch, length, WINDOW, fading_span=0, memory_slots=0),
+        attention_case(batch, length, window=None, fading_span=0, memory_slots=0),
+    ]
+
+
+def make_runner(fn: Callable, kwargs: dict[str, object], mode: str) -> Callable[[], None]:
+    """A closure running ``fn(**kwargs)`` forward only, or forward and backward to every input
+    that requires grad."""
+    if mode == "fwd":
+
+        def run_forward() -> None:
+            with torch.no_grad():
+                fn(**kwargs)
+
+        return run_forward
+
+    leaves = [t for t in kwargs.values() if isinstance(t, Tensor) and t.requires_grad]
+
+    def run_forward_backward() -> None:
+        out = fn(**kwargs)
+        outputs = out if isinstance(out, tuple) else (out,)
+        loss = sum(o.float().sum() for o in outputs)
+        torch.autograd.grad(loss, leaves)
+
+    return run_forward_backward
+
+
+def elapsed_ms(run: Callable[[], None]) -> float:
+    start = time.perf_counter()
+    run()
+    return (time.perf_counter() - start) * 1e3
+
+
+def summarize(times_ms: list[float]) -> Timing:
+    return Timing(statistics.median(times_ms), min(times_ms), max(times_ms), len(times_ms))
+
+
+def time_interleaved(
+    baseline: Callable[[], None],
+    fast: Callable[[], None],
+    repeats: int,
+    baseline_repeats: int,
+    warmup: int,
+) -> tuple[Timing, Timing]:
+    """Alternate baseline and fast runs; the baseline stops after ``baseline_repeats`` runs."""
+    for _ in range(warmup):
+        baseline()
+        fast()
+    baseline_ms, fast_ms = [], []
+    for i in range(repeats):
+        if i < baseline_repeats:
+            baseline_ms.append(elapsed_ms(baseline))
+        fast_ms.append(elapsed_ms(fast))
+    return summarize(baseline_ms), summarize(fast_ms)
+
+
+def measure(case: Case, mode: str, length: int, args: argparse.Namespace) -> Result:
+    peak = case.baseline_peak_bytes[mode]
+    if peak > MEMORY_LIMIT_BYTES:
+        reason = f"memory (~{peak / 2**30:.1f} GiB estimated)"
+        return Result(case.op, mode, length, None, None, None, skipped=reason)
+    baseline_repeats = args.repeats
+    if case.baseline is ssd_sequential and length >= SEQUENTIAL_LONG_FROM:
+        baseline_repeats = min(args.repeats, SEQUENTIAL_LONG_REPEATS)
+    baseline, fast = time_interleaved(
+        make_runner(case.baseline, case.kwargs, mode),
+        make_runner(case.fast, case.kwargs, mode),
+        args.repeats,
+        baseline_repeats,
+        args.warmup,
+    )
+    return Result(case.op, mode, length, baseline, fast, baseline.median_ms / fast.median_ms)
+
+
+ROW_FORMAT = "{:<24} {:<8} {:>6}  {:>28}  {:>28}  {:>8}  {:>7}"
+
+
+def format_timing(t: Timing) -> str:
+    return f"{t.median_ms:.2f} [{t.min_ms:.2f}-{t.max_ms:.2f}]"
+
+
+def format_row(r: Result) -> str:
+    if r.skipped is not None:
+        skipped = f"skipped ({r.skipped})"
+        return ROW_FORMAT.format(r.op, r.mode, r.length, skipped, "", "", "")
+    return ROW_FORMAT.format(
+        r.op,
+        r.mode,
+        r.length,
+        format_timing(r.baseline),
+        format_timing(r.fast),
+        f"{r.ratio:.2f}x",
+        f"{r.baseline.repeats}/{r.fast.repeats}",
+    )
+
+
+def ssd_verdict(results: list[Result]) -> str:
+    claim = f"chunked SSD >= {SSD_TARGET_RATIO:g}x faster than sequential at L={SSD_TARGET_LENGTH}"
+    rows = [
+        r for r in results
+        if r.op.startswith("ssd") and r.length == SSD_TARGET_LENGTH and r.ratio is not None
+    ]
+    if not rows:
+        return f"{claim}: not measured"
+    met = all(r.ratio >= SSD_TARGET_RATIO for r in rows)
+    ratios = ", ".join(f"{r.mode} {r.ratio:.1f}x" for r in rows)
+    return f"{claim}: {'met' if met else 'NOT met'} ({ratios})"
+
+
+def attention_verdict(results: list[Result]) -> str:
+    claim = f"chunked attention faster than dense from L={ATTN_TARGET_FROM} on"
+    rows = [
+        r for r in results
+        if r.op.startswith("attn") and r.length >= ATTN_TARGET_FROM and r.ratio is not None
+    ]
+    if not rows:
+        return f"{claim}: not measured"
+    slowest = min(rows, key=lambda r: r.ratio)
+    met = slowest.ratio > 1.0
+    detail = f"lowest ratio {slowest.ratio:.2f}x: {slowest.op}, {slowest.mode}, L={slowest.length}"
+    return f"{claim}: {'met' if met else 'NOT met'} ({detail})"
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--lengths", default="256,1024,4096",
+                        help="comma-separated sequence lengths (default: %(default)s)")
+    parser.add_argument("--repeats", type=int, default=5, help="timed runs per configuration")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed runs per configuration")
+    parser.add_argument("--batch", type=int, default=1, help="batch size")
+    parser.add_argument("--json", action="store_true",
+                        help="print all measurements as one JSON document on the last line")
+    parser.add_argument("--quick", action="store_true",
+                        help="smoke test: lengths 64,128 and 1 repeat")
+    args = parser.parse_args()
+    if args.quick:
+        args.lengths, args.repeats = "64,128", 1
+    args.lengths = [int(s) for s in args.lengths.split(",")]
+    return args
+
+
+def main() -> None:
+    args = parse_args()
+    torch.manual_seed(0)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch {args.batch}, "
+          f"{args.repeats} repeats, {args.warmup} warmup")
+    print(f"ssd: sequential (baseline) vs chunked (fast); heads={SSD_HEADS} p={SSD_HEAD_DIM} "
+          f"groups={SSD_GROUPS} n={SSD_STATE}; sequential timed with "
+          f"{SEQUENTIAL_LONG_REPEATS} repeat(s) from L={SEQUENTIAL_LONG_FROM}")
+    print(f"attn: reference (baseline) vs chunked (fast); heads={ATTN_HEADS} "
+          f"kv_heads={ATTN_KV_HEADS} dh={ATTN_HEAD_DIM} chunk={ATTN_CHUNK}; W window, "
+          f"F fading span, M memory slots per chunk")
+    print("times in ms: median [min-max]; ratio = baseline median / fast median\n")
+    print(ROW_FORMAT.format("op", "mode", "L", "baseline ms", "fast ms", "ratio", "repeats"))
+    results = []
+    for length in args.lengths:
+        for case in build_cases(args.batch, length):
+            for mode in MODES:
+                result = measure(case, mode, length, args)
+                results.append(result)
+                print(format_row(result), flush=True)
+    verdicts = [ssd_verdict(results), attention_verdict(results)]
+    print()
+    for verdict in verdicts:
+        print(verdict)
+    if args.json:
+        config = {k: v for k, v in vars(args).items() if k != "json"}
+        config["threads"] = torch.get_num_threads()
+        document = {
+            "config": config,
+            "results": [asdict(r) for r in results],
+            "verdicts": verdicts,
+        }
+        print(json.dumps(document))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,181 @@
+"""`ModelConfig`: every knob of DESIGN.md in one dataclass, and the presets of §6."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from bmojo.layers.bmojo import EIDETIC_ROPE_MODES
+from bmojo.ops.eidetic import POLICIES, SELECTIONS
+
+# DESIGN.md §6: the mixer of each layer, by letter.
+LAYER_KINDS = {
+    "A": "full causal attention",
+    "W": "sliding-window attention",
+    "S": "Mamba-2",
+    "F": "B'MOJO-F (fading tokens, no eidetic memory)",
+    "B": "B'MOJO (fading tokens and eidetic memory)",
+}
+
+PRESETS = {
+    "transformer": "A",
+    "swa": "W",
+    "mamba2": "S",
+    "hybrid": "SW",  # Samba style: Mamba-2 and sliding-window attention interleaved
+    "bmojo-f": "F",
+    "bmojo": "B",
+}
+
+
+@dataclass
+class ModelConfig:
+    """Configuration of a :class:`bmojo.LanguageModel`.
+
+    ``n_kv_heads``, ``fading_span`` and ``chunk_size`` default to ``n_heads``, ``window`` and
+    ``window`` (DESIGN.md §2); ``layer_pattern`` defaults to the preset's. Fields a layer
+    pattern does not use (e.g. ``window`` for ``"A"``) are ignored and not validated.
+    """
+
+    arch: str = "bmojo"
+    vocab_size: int = 256
+    d_model: int = 256
+    n_layers: int = 4
+    # attention (A, W, F, B layers)
+    n_heads: int = 4
+    n_kv_heads: int | None = None
+    qk_norm: bool = False
+    rope_theta: float = 10000.0
+    window: int = 64
+    # B'MOJO (F, B layers)
+    fading_span: int | None = None
+    chunk_size: int | None = None
+    eidetic_per_chunk: int = 4
+    eidetic_capacity: int = 64
+    eidetic_policy: str = "score"
+    selection: str = "topk"
+    innovation_threshold: float | None = None
+    eidetic_rope: str = "none"
+    selection_seed: int = 0
+    innovation_rank: int = 0  # 0: full-rank predictor Φ
+    ssm_residual: bool = True
+    tie_fading_proj: bool = True
+    # Mamba-2 (S, F, B layers)
+    d_state: int = 64
+    ssm_headdim: int = 64
+    expand: int = 2
+    d_conv: int = 4
+    ssm_ngroups: int = 1
+    # blocks
+    mlp_ratio: float = 4.0  # SwiGLU hidden size = mlp_ratio * d_model, rounded up to 8; 0: no MLP
+    layer_pattern: str | None = None
+    tie_embeddings: bool = True
+    norm_eps: float = 1e-5
+    init_std: float = 0.02
+    max_seq_len: int = 2048  # initial KV capacity of full-attention layers; their state-size context
+
+    def __post_init__(self) -> None:
+        if self.arch not in PRESETS:
+            raise ValueError(f"arch={self.arch!r}: unknown preset; choose one of {list(PRESETS)}")
+        if self.layer_pattern is None:
+            self.layer_pattern = PRESETS[self.arch]
+        if self.n_kv_heads is None:
+            self.n_kv_heads = self.n_heads
+        if self.fading_span is None:
+            self.fading_span = self.window
+        if self.chunk_size is None:
+            self.chunk_size = self.window
+        self.validate()
+
+    @classmethod
+    def preset(cls, name: str, **overrides: Any) -> ModelConfig:
+        """The architecture ``name`` of DESIGN.md §6 with ``overrides`` applied."""
+        if name not in PRESETS:
+            raise ValueError(f"unknown preset {name!r}; choose one of {list(PRESETS)}")
+        if "arch" in overrides:
+            raise ValueError("pass the architecture as the preset name, not as arch=")
+        return cls(arch=name, **overrides)
+
+    @property
+    def layer_kinds(self) -> list[str]:
+        """The mixer letter of each layer: ``layer_pattern`` repeated to ``n_layers``."""
+        return [self.layer_pattern[i % len(self.layer_pattern)] for i in range(self.n_layers)]
+
+    @property
+    def mlp_hidden(self) -> int:
+        return 8 * -(-int(round(self.mlp_ratio * self.d_model)) // 8)
+
+    def validate(self) -> None:
+        """Raise ``ValueError`` naming the field, its value and what is allowed."""
+
+        def require(ok: bool, field: str, allowed: str) -> None:
+            if not ok:
+                raise ValueError(f"{field}={getattr(self, field)!r} is invalid: {allowed}")
+
+        def positive_int(field: str) -> None:
+            value = getattr(self, field)
+            require(isinstance(value, int) and not isinstance(value, bool) and value >= 1, field,
+                    "must be an integer >= 1")
+
+        for field in ("vocab_size", "d_model", "n_layers", "max_seq_len"):
+            positive_int(field)
+        require(isinstance(self.layer_pattern, str) and len(self.layer_pattern) > 0
+                and all(c in LAYER_KINDS for c in self.layer_pattern), "layer_pattern",
+                f"must be a non-empty string of layer letters {LAYER_KINDS}")
+        require(self.mlp_ratio >= 0, "mlp_ratio", "must be >= 0 (0 removes the MLP)")
+        require(self.norm_eps > 0, "norm_eps", "must be > 0")
+        kinds = set(self.layer_pattern)
+        if kinds & set("AWFB"):
+            positive_int("n_heads")
+            positive_int("n_kv_heads")
+            require(self.d_model % self.n_heads == 0, "n_heads", f"must divide d_model={self.d_model}")
+            require(self.n_heads % self.n_kv_heads == 0, "n_kv_heads", f"must divide n_heads={self.n_heads}")
+            require((self.d_model // self.n_heads) % 2 == 0, "n_heads",
+                    f"must leave an even head dim for RoPE (d_model={self.d_model})")
+            require(self.rope_theta > 0, "rope_theta", "must be > 0")
+        if kinds & set("WFB"):
+            positive_int("window")
+        if kinds & set("FB"):
+            require(isinstance(self.fading_span, int) and self.fading_span >= 0, "fading_span",
+                    "must be an integer >= 0")
+            positive_int("chunk_size")
+        if "B" in kinds:
+            positive_int("eidetic_per_chunk")
+            require(self.eidetic_per_chunk <= self.chunk_size, "eidetic_per_chunk",
+                    f"must be <= chunk_size={self.chunk_size}")
+            require(isinstance(self.eidetic_capacity, int) and self.eidetic_capacity >= 0
+                    and self.eidetic_capacity % self.eidetic_per_chunk == 0, "eidetic_capacity",
+                    f"must be a non-negative multiple of eidetic_per_chunk={self.eidetic_per_chunk}")
+            require(self.eidetic_policy in POLICIES, "eidetic_policy", f"must be one of {POLICIES}")
+            require(self.selection in SELECTIONS, "selection", f"must be one of {SELECTIONS}")
+            require(self.eidetic_rope in EIDETIC_ROPE_MODES, "eidetic_rope",
+                    f"must be one of {EIDETIC_ROPE_MODES}")
+            require(isinstance(self.innovation_rank, int) and self.innovation_rank >= 0, "innovation_rank",
+                    "must be an integer >= 0 (0: full rank)")
+        if kinds & set("SFB"):
+            for field in ("d_state", "ssm_headdim", "expand", "d_conv", "ssm_ngroups"):
+                positive_int(field)
+            d_inner = self.expand * self.d_model
+            require(d_inner % self.ssm_headdim == 0, "ssm_headdim",
+                    f"must divide expand * d_model = {d_inner}")
+            require((d_inner // self.ssm_headdim) % self.ssm_ngroups == 0, "ssm_ngroups",
+                    f"must divide the number of SSM heads {d_inner // max(self.ssm_headdim, 1)}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown ModelConfig fields {unknown}")
+        return cls(**data)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> ModelConfig:
+        return cls.from_dict(json.loads(text))

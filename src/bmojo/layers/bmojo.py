@@ -1,0 +1,289 @@
+"""The B'MOJO mixer (DESIGN.md §3–§4, §7): sliding-window attention whose keys also hold
+fading tokens (outputs of its own Mamba-2 mixer) and an eidetic memory of past tokens
+selected by the innovation test. ``eidetic_capacity=0`` is B'MOJO-F (the `F` layer).
+
+The parameters of the attention part have the same names as :class:`Attention`'s, so a
+sliding-window layer's weights load into it (DESIGN.md §8.4).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from bmojo.layers.attention import Attention
+from bmojo.layers.kv_buffer import KVBuffer
+from bmojo.layers.mamba2 import Mamba2Cache, Mamba2Mixer
+from bmojo.ops.attention import union_attention_chunked, union_attention_step
+from bmojo.ops.eidetic import (
+    eidetic_memory_per_chunk,
+    eidetic_memory_update,
+    empty_memory,
+    innovation_scores,
+    select_per_chunk,
+    selection_scores,
+)
+from bmojo.ops.rope import apply_rope
+
+EIDETIC_ROPE_MODES = ("none", "absolute", "window_edge")
+
+
+@dataclass
+class BMojoCache:
+    """Fixed-size decoding state of one B'MOJO mixer (DESIGN.md §7)."""
+
+    ssm: Mamba2Cache
+    raw: KVBuffer  # ring of the last W keys/values (rotated keys)
+    fading: KVBuffer | None  # ring of the last W+F fading keys/values; the oldest F are attended
+    prev_f: Tensor  # [B, D]: SSM output at the previous position, input of the predictor
+    mem_k: Tensor | None = None  # [B, M, Hkv, dh]: eidetic slots (keys as the rope mode stores them)
+    mem_v: Tensor | None = None  # [B, M, Hkv, dh]
+    mem_pos: Tensor | None = None  # [B, M], -1 = empty
+    mem_score: Tensor | None = None  # [B, M], -inf = empty
+    cand_k: Tensor | None = None  # [B, C, Hkv, dh]: the current chunk's tokens, slot = position mod C
+    cand_v: Tensor | None = None  # [B, C, Hkv, dh]
+    cand_score: Tensor | None = None  # [B, C]: their selection scores
+
+
+def gather_positions(t: Tensor, pos: Tensor) -> Tensor:
+    """``t [B, L, *rest]`` at ``pos [B, *idx]`` (``-1`` reads position 0, to be masked by the
+    caller) -> ``[B, *idx, *rest]``. Differentiable with respect to ``t``."""
+    b, rest = t.shape[0], t.shape[2:]
+    flat = pos.clamp(min=0).reshape(b, -1)  # [B, n]
+    index = flat.view(b, -1, *([1] * len(rest))).expand(b, flat.shape[1], *rest)
+    return t.gather(1, index).view(*pos.shape, *rest)
+
+
+class BMojoMixer(Attention):
+    """``[B, L, d_model] -> [B, L, d_model]``; :meth:`forward_with_aux` also returns the
+    innovation predictor's auxiliary loss (DESIGN.md §4)."""
+
+    def __init__(
+        self,
+        d_model: int,
+        n_heads: int,
+        n_kv_heads: int,
+        window: int,
+        fading_span: int,
+        chunk_size: int,
+        eidetic_per_chunk: int = 0,
+        eidetic_capacity: int = 0,
+        eidetic_policy: str = "score",
+        selection: str = "topk",
+        innovation_threshold: float | None = None,
+        eidetic_rope: str = "none",
+        selection_seed: int = 0,
+        innovation_rank: int = 0,
+        ssm_residual: bool = True,
+        tie_fading_proj: bool = True,
+        qk_norm: bool = False,
+        rope_theta: float = 10000.0,
+        norm_eps: float = 1e-5,
+        d_state: int = 64,
+        d_conv: int = 4,
+        expand: int = 2,
+        ssm_headdim: int = 64,
+        ssm_ngroups: int = 1,
+    ):
+        super().__init__(d_model, n_heads, n_kv_heads, window, qk_norm, rope_theta, chunk_size, norm_eps)
+        if eidetic_rope not in EIDETIC_ROPE_MODES:
+            raise ValueError(f"eidetic_rope must be one of {EIDETIC_ROPE_MODES}, got {eidetic_rope!r}")
+        if eidetic_capacity and eidetic_capacity % eidetic_per_chunk != 0:
+            raise ValueError(f"eidetic_capacity {eidetic_capacity} must be a multiple of eidetic_per_chunk "
+                             f"{eidetic_per_chunk}")
+        self.fading_span = fading_span
+        self.chunk_size = chunk_size
+        self.eidetic_per_chunk = eidetic_per_chunk
+        self.eidetic_capacity = eidetic_capacity
+        self.eidetic_policy = eidetic_policy
+        self.selection = selection
+        self.innovation_threshold = innovation_threshold if selection == "topk" else None
+        self.eidetic_rope = eidetic_rope
+        self.selection_seed = selection_seed
+        self.ssm_residual = ssm_residual
+        self.ssm = Mamba2Mixer(d_model, d_state=d_state, d_conv=d_conv, expand=expand, headdim=ssm_headdim,
+                               ngroups=ssm_ngroups)
+        kv_dim = n_kv_heads * self.head_dim
+        self.kf_proj = None if tie_fading_proj else nn.Linear(d_model, kv_dim, bias=False)
+        self.vf_proj = None if tie_fading_proj else nn.Linear(d_model, kv_dim, bias=False)
+        self.predictor = None
+        if eidetic_capacity > 0 and selection == "topk":
+            # Φ: x̂_t = Φ(f_{t-1}), trained only by the auxiliary loss; zero init (x̂ = 0).
+            if innovation_rank:
+                self.predictor = nn.Sequential(nn.Linear(d_model, innovation_rank, bias=False),
+                                               nn.Linear(innovation_rank, d_model, bias=False))
+            else:
+                self.predictor = nn.Linear(d_model, d_model, bias=False)
+
+    @property
+    def has_memory(self) -> bool:
+        return self.eidetic_capacity > 0
+
+    def fading_kv(self, f: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
+        """Fading tokens: SSM outputs ``f [B, L, D]`` -> rotated ``kf``, ``vf [B, L, Hkv, dh]``."""
+        kf = self.project_key((self.kf_proj or self.k_proj)(f))
+        vf = (self.vf_proj or self.v_proj)(f).unflatten(-1, (self.n_kv_heads, self.head_dim))
+        return apply_rope(kf, cos, sin), vf
+
+    def eidetic_query(self, q: Tensor, q_rot: Tensor) -> Tensor:
+        """The query that scores eidetic keys (DESIGN.md §3): unrotated for ``"none"``, rotated
+        for ``"absolute"``; for ``"window_edge"``, ``<R(i) q, R(i-W-F) k> = <R(W+F) q, k>``."""
+        if self.eidetic_rope == "none":
+            return q
+        if self.eidetic_rope == "absolute":
+            return q_rot
+        cos, sin = self.rope(torch.tensor([self.window + self.fading_span], device=q.device))
+        return apply_rope(q, cos, sin)
+
+    def eidetic_key(self, k: Tensor, k_rot: Tensor) -> Tensor:
+        """What a memory slot stores as key: rotated only for ``"absolute"``."""
+        return k_rot if self.eidetic_rope == "absolute" else k
+
+    def _innovation(self, x: Tensor, f_prev: Tensor) -> Tensor:
+        """``s_t`` from ``x_t`` and ``f_{t-1}`` (float32, outside autocast). Gradients reach
+        only Φ: both inputs are detached (DESIGN.md §4)."""
+        with torch.autocast(x.device.type, enabled=False):
+            x_hat = self.predictor(f_prev.detach().float())
+            return innovation_scores(x.detach(), x_hat)
+
+    def _selection_scores(self, x: Tensor, f_prev: Tensor, positions: Tensor) -> tuple[Tensor, Tensor]:
+        """Selection score per position ``[B, L]`` and the auxiliary loss."""
+        if self.selection == "topk":
+            innovation = self._innovation(x, f_prev)
+            return innovation.detach(), innovation.mean()
+        zeros = x.new_zeros(x.shape[:-1], dtype=torch.float32)
+        return selection_scores(zeros, positions, self.selection, self.selection_seed), zeros.sum()
+
+    def forward(self, x: Tensor, cache: BMojoCache | None = None) -> Tensor:
+        return self.forward_with_aux(x, cache)[0]
+
+    def forward_with_aux(self, x: Tensor, cache: BMojoCache | None = None) -> tuple[Tensor, Tensor]:
+        """Parallel form from position 0 (fills ``cache``, a fresh one, if given).
+        Returns ``(y [B, L, D], aux_loss)``."""
+        b, L, _ = x.shape
+        W, Fs, C = self.window, self.fading_span, self.chunk_size
+        positions = torch.arange(L, device=x.device)
+        f = self.ssm(x, cache.ssm if cache is not None else None)  # [B, L, D]
+        q, k, v = self.project_qkv(x)
+        cos, sin = self.rope(positions)
+        q_rot, k_rot = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        kf = vf = None
+        if Fs > 0:
+            kf, vf = self.fading_kv(f, cos, sin)
+        aux = x.new_zeros((), dtype=torch.float32)
+        memory = {}
+        if self.has_memory:
+            f_prev = F.pad(f, (0, 0, 1, 0))[:, :L]  # f_{t-1}, zeros at t = 0
+            score, aux = self._selection_scores(x, f_prev, positions)
+            sel_pos, sel_score = select_per_chunk(score, C, self.eidetic_per_chunk, self.innovation_threshold)
+            mem_pos, mem_score = eidetic_memory_per_chunk(sel_pos, sel_score, self.eidetic_capacity,
+                                                          self.eidetic_policy)  # [B, L//C + 1, M]
+            k_eid = self.eidetic_key(k, k_rot)
+            visible_pos = mem_pos[:, : math.ceil(L / C)]  # memory seen by each query chunk
+            memory = dict(mem_k=gather_positions(k_eid, visible_pos), mem_v=gather_positions(v, visible_pos),
+                          mem_pos=visible_pos, q_mem=self.eidetic_query(q, q_rot))
+        out = union_attention_chunked(q_rot, k_rot, v, W, Fs, kf, vf, chunk_size=C, **memory)
+        if cache is not None:
+            cache.raw.write(k_rot, v, 0)
+            if cache.fading is not None:
+                cache.fading.write(kf, vf, 0)
+            cache.prev_f.copy_(f[:, -1])
+            if self.has_memory:
+                self._fill_memory_cache(cache, k_eid, v, score, mem_pos[:, L // C], mem_score[:, L // C])
+        y = self.o_proj(out.flatten(-2))
+        return (y + f if self.ssm_residual else y), aux
+
+    def _fill_memory_cache(self, cache: BMojoCache, k_eid: Tensor, v: Tensor, score: Tensor,
+                           mem_pos: Tensor, mem_score: Tensor) -> None:
+        """After a prefill of ``L`` tokens: the memory after the last complete chunk, and the
+        tokens of the incomplete chunk as candidates."""
+        L, C = k_eid.shape[1], self.chunk_size
+        cache.mem_pos.copy_(mem_pos)
+        cache.mem_score.copy_(mem_score)
+        cache.mem_k.copy_(gather_positions(k_eid, mem_pos))
+        cache.mem_v.copy_(gather_positions(v, mem_pos))
+        start = (L // C) * C
+        n = L - start
+        cache.cand_score.fill_(float("-inf"))
+        cache.cand_k[:, :n] = k_eid[:, start:]
+        cache.cand_v[:, :n] = v[:, start:]
+        cache.cand_score[:, :n] = score[:, start:]
+
+    def step(self, x: Tensor, cache: BMojoCache, position: int) -> Tensor:
+        """One token ``x [B, D]`` at absolute ``position`` -> ``[B, D]``, cost
+        ``O(W + F + M)`` whatever the position."""
+        W, Fs = self.window, self.fading_span
+        t = position
+        f = self.ssm.step(x, cache.ssm)  # [B, D]
+        q, k, v = self.project_qkv(x[:, None])  # [B, 1, ., dh]
+        cos, sin = self.rope(torch.tensor([t], device=x.device))
+        q_rot, k_rot = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        cache.raw.write(k_rot, v, t)
+        keys, values, visible = [cache.raw.k], [cache.raw.v], [cache.raw.pos >= 0]
+        if cache.fading is not None:
+            kf, vf = self.fading_kv(f[:, None], cos, sin)
+            cache.fading.write(kf, vf, t)
+            fpos = cache.fading.pos
+            keys.append(cache.fading.k)
+            values.append(cache.fading.v)
+            visible.append((fpos >= 0) & (fpos <= t - W) & (fpos >= t - W - Fs + 1))
+        memory = {}
+        if self.has_memory:
+            memory = dict(q_mem=self.eidetic_query(q, q_rot)[:, 0], mem_k=cache.mem_k, mem_v=cache.mem_v,
+                          mem_visible=(cache.mem_pos >= 0) & (cache.mem_pos <= t - W))
+        out = union_attention_step(q_rot[:, 0], torch.cat(keys, 1), torch.cat(values, 1), torch.cat(visible),
+                                   **memory)
+        if self.has_memory:
+            positions = torch.tensor([t], device=x.device)
+            score, _ = self._selection_scores(x[:, None], cache.prev_f[:, None], positions)
+            self._add_candidate(cache, self.eidetic_key(k, k_rot)[:, 0], v[:, 0], score[:, 0], t)
+        cache.prev_f.copy_(f)
+        y = self.o_proj(out.flatten(-2))
+        return y + f if self.ssm_residual else y
+
+    def _add_candidate(self, cache: BMojoCache, k_eid: Tensor, v: Tensor, score: Tensor, t: int) -> None:
+        """Store token ``t`` as a candidate of its chunk; when the chunk completes, select its
+        best ``k`` and update the memory with the same functions as the parallel path."""
+        C = self.chunk_size
+        slot = t % C
+        cache.cand_k[:, slot] = k_eid.to(cache.cand_k.dtype)
+        cache.cand_v[:, slot] = v.to(cache.cand_v.dtype)
+        cache.cand_score[:, slot] = score
+        if slot != C - 1:
+            return
+        chunk_start = t - C + 1
+        sel_idx, sel_score = select_per_chunk(cache.cand_score, C, self.eidetic_per_chunk,
+                                              self.innovation_threshold)  # [B, 1, k]
+        sel_idx, sel_score = sel_idx[:, 0], sel_score[:, 0]
+        sel_pos = torch.where(sel_idx >= 0, sel_idx + chunk_start, -1)
+        idx = eidetic_memory_update(cache.mem_pos, cache.mem_score, sel_pos, sel_score, self.eidetic_policy)
+        cache.mem_k = torch.cat([cache.mem_k, gather_positions(cache.cand_k, sel_idx)], 1)
+        cache.mem_v = torch.cat([cache.mem_v, gather_positions(cache.cand_v, sel_idx)], 1)
+        cache.mem_k, cache.mem_v = gather_positions(cache.mem_k, idx), gather_positions(cache.mem_v, idx)
+        cache.mem_pos = torch.cat([cache.mem_pos, sel_pos], 1).gather(1, idx)
+        cache.mem_score = torch.cat([cache.mem_score, sel_score], 1).gather(1, idx)
+        cache.cand_score.fill_(float("-inf"))
+
+    def new_cache(self, batch_size: int, max_seq_len: int = 0, device=None, dtype=None) -> BMojoCache:
+        device = device or self.q_proj.weight.device
+        dtype = dtype or self.q_proj.weight.dtype
+        hkv, dh, C, M = self.n_kv_heads, self.head_dim, self.chunk_size, self.eidetic_capacity
+        cache = BMojoCache(
+            ssm=self.ssm.new_cache(batch_size, device, dtype),
+            raw=KVBuffer.empty(batch_size, self.window, hkv, dh, False, device, dtype),
+            fading=(KVBuffer.empty(batch_size, self.window + self.fading_span, hkv, dh, False, device, dtype)
+                    if self.fading_span > 0 else None),
+            prev_f=torch.zeros(batch_size, self.ssm.d_model, device=device, dtype=dtype),
+        )
+        if self.has_memory:
+            cache.mem_pos, cache.mem_score = empty_memory(batch_size, M, device)
+            cache.mem_k = torch.zeros(batch_size, M, hkv, dh, device=device, dtype=dtype)
+            cache.mem_v = torch.zeros(batch_size, M, hkv, dh, device=device, dtype=dtype)
+            cache.cand_k = torch.zeros(batch_size, C, hkv, dh, device=device, dtype=dtype)
+            cache.cand_v = torch.zeros(batch_size, C, hkv, dh, device=device, dtype=dtype)
+            cache.cand_score = torch.full((batch_size, C), float("-inf"), device=device)
+        return cache

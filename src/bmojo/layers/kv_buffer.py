@@ -1,0 +1,52 @@
+"""Key/value buffers of the decoding caches (DESIGN.md §7)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+
+@dataclass
+class KVBuffer:
+    """Keys and values indexed by absolute position.
+
+    A **ring** (``growable=False``) of ``S`` slots keeps the last ``S`` positions
+    (slot = position mod S) and never grows; a **growable** buffer (full attention) keeps
+    every position and doubles its capacity when full. Empty slots have position ``-1``.
+    """
+
+    k: Tensor  # [B, S, hkv, dh]
+    v: Tensor  # [B, S, hkv, dh]
+    pos: Tensor  # [S], long
+    growable: bool = False
+
+    @classmethod
+    def empty(cls, batch: int, slots: int, heads: int, head_dim: int, growable: bool, device, dtype) -> KVBuffer:
+        return cls(
+            k=torch.zeros(batch, slots, heads, head_dim, device=device, dtype=dtype),
+            v=torch.zeros(batch, slots, heads, head_dim, device=device, dtype=dtype),
+            pos=torch.full((slots,), -1, dtype=torch.long, device=device),
+            growable=growable,
+        )
+
+    def _grow(self, needed: int) -> None:
+        capacity = max(needed, 2 * self.pos.shape[0], 1)
+        extra = capacity - self.pos.shape[0]
+        self.k = torch.cat([self.k, self.k.new_zeros(self.k.shape[0], extra, *self.k.shape[2:])], 1)
+        self.v = torch.cat([self.v, self.v.new_zeros(self.v.shape[0], extra, *self.v.shape[2:])], 1)
+        self.pos = torch.cat([self.pos, self.pos.new_full((extra,), -1)])
+
+    def write(self, k: Tensor, v: Tensor, start: int) -> None:
+        """Store ``k, v [B, n, hkv, dh]`` at positions ``start .. start + n - 1``."""
+        n = k.shape[1]
+        if self.growable and start + n > self.pos.shape[0]:
+            self._grow(start + n)
+        slots = self.pos.shape[0]
+        keep = min(n, slots)
+        positions = torch.arange(start + n - keep, start + n, device=self.pos.device)
+        index = positions % slots
+        self.k[:, index] = k[:, n - keep:].to(self.k.dtype)
+        self.v[:, index] = v[:, n - keep:].to(self.v.dtype)
+        self.pos[index] = positions

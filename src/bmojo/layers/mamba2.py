@@ -1,0 +1,127 @@
+"""The Mamba-2 mixer: the fading memory of B'MOJO (DESIGN.md §3.1) and the `S` layer.
+
+Parameters follow the reference Mamba-2 block exactly (``in_proj`` with output order
+``z, xBC, dt``; depthwise causal ``conv1d`` with bias over ``xBC``; ``dt_bias``, ``A_log``,
+``D`` per head; gated RMSNorm ``norm.weight [d_inner]``; ``out_proj``), so a state dict
+saved from a reference block of the same sizes loads with ``strict=True``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from bmojo.layers.norm import GatedRMSNorm
+from bmojo.ops.ssd import ssd_chunked, ssd_step
+
+
+@dataclass
+class Mamba2Cache:
+    """Decoding state of one Mamba-2 mixer (DESIGN.md §7), fixed size."""
+
+    conv_state: Tensor  # [B, conv_dim, d_conv - 1]: the last pre-convolution xBC inputs
+    ssm_state: Tensor  # [B, nheads, headdim, d_state], float32
+
+
+class Mamba2Mixer(nn.Module):
+    """``[B, L, d_model] -> [B, L, d_model]``; ``chunk_size`` is the SSD chunk (not a weight)."""
+
+    def __init__(
+        self,
+        d_model: int,
+        d_state: int = 64,
+        d_conv: int = 4,
+        expand: int = 2,
+        headdim: int = 64,
+        ngroups: int = 1,
+        chunk_size: int = 64,
+        dt_min: float = 1e-3,
+        dt_max: float = 1e-1,
+        dt_init_floor: float = 1e-4,
+        A_init_range: tuple[float, float] = (1.0, 16.0),
+        bias: bool = False,
+        conv_bias: bool = True,
+    ):
+        super().__init__()
+        self.d_model, self.d_state, self.d_conv = d_model, d_state, d_conv
+        self.d_inner = expand * d_model
+        if self.d_inner % headdim != 0:
+            raise ValueError(f"expand * d_model = {self.d_inner} must be a multiple of headdim {headdim}")
+        self.headdim = headdim
+        self.nheads = self.d_inner // headdim
+        if self.nheads % ngroups != 0:
+            raise ValueError(f"number of SSM heads {self.nheads} must be a multiple of ngroups {ngroups}")
+        self.ngroups = ngroups
+        self.chunk_size = chunk_size
+        self.conv_dim = self.d_inner + 2 * ngroups * d_state
+
+        self.in_proj = nn.Linear(d_model, 2 * self.d_inner + 2 * ngroups * d_state + self.nheads, bias=bias)
+        self.conv1d = nn.Conv1d(self.conv_dim, self.conv_dim, d_conv, groups=self.conv_dim,
+                                padding=d_conv - 1, bias=conv_bias)
+        # dt initialised log-uniform in [dt_min, dt_max] through softplus(dt_bias).
+        dt = torch.exp(torch.rand(self.nheads) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min))
+        dt = dt.clamp(min=dt_init_floor)
+        self.dt_bias = nn.Parameter(dt + torch.log(-torch.expm1(-dt)))
+        self.A_log = nn.Parameter(torch.log(torch.empty(self.nheads).uniform_(*A_init_range)))
+        self.D = nn.Parameter(torch.ones(self.nheads))
+        for p in (self.dt_bias, self.A_log, self.D):
+            p._no_weight_decay = True
+        self.norm = GatedRMSNorm(self.d_inner, n_groups=ngroups)
+        self.out_proj = nn.Linear(self.d_inner, d_model, bias=bias)
+
+    def _split(self, zxbcdt: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        return torch.split(zxbcdt, [self.d_inner, self.conv_dim, self.nheads], dim=-1)
+
+    def _ssm_inputs(self, xBC: Tensor, dt: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+        """Post-convolution ``xBC [..., conv_dim]`` and raw ``dt [..., nheads]`` -> x, dt, A, B, C."""
+        x, B, C = torch.split(xBC, [self.d_inner, self.ngroups * self.d_state, self.ngroups * self.d_state], -1)
+        x = x.unflatten(-1, (self.nheads, self.headdim))
+        B = B.unflatten(-1, (self.ngroups, self.d_state))
+        C = C.unflatten(-1, (self.ngroups, self.d_state))
+        dt = F.softplus(dt.float() + self.dt_bias.float())
+        A = -torch.exp(self.A_log.float())
+        return x, dt, A, B, C
+
+    def forward(self, u: Tensor, cache: Mamba2Cache | None = None) -> Tensor:
+        """Parallel form over ``u [B, L, d_model]``; fills ``cache`` (a fresh one) if given."""
+        L = u.shape[1]
+        z, xBC, dt = self._split(self.in_proj(u))
+        if cache is not None and self.d_conv > 1:
+            tail = xBC[:, -(self.d_conv - 1):].transpose(1, 2)  # [B, conv_dim, <= d_conv-1]
+            cache.conv_state.zero_()
+            cache.conv_state[..., cache.conv_state.shape[-1] - tail.shape[-1]:] = tail
+        xBC = F.silu(self.conv1d(xBC.transpose(1, 2))[..., :L].transpose(1, 2))
+        x, dt, A, B, C = self._ssm_inputs(xBC, dt)
+        y, final_state = ssd_chunked(x, dt, A, B, C, self.D, chunk_size=self.chunk_size)
+        if cache is not None:
+            cache.ssm_state.copy_(final_state)
+        y = self.norm(y.flatten(-2), z)
+        return self.out_proj(y)
+
+    def step(self, u: Tensor, cache: Mamba2Cache) -> Tensor:
+        """One token ``u [B, d_model]`` -> ``[B, d_model]``, updating ``cache`` in place."""
+        z, xBC, dt = self._split(self.in_proj(u))
+        window = torch.cat([cache.conv_state, xBC[..., None].to(cache.conv_state.dtype)], -1)  # [B, conv_dim, d_conv]
+        cache.conv_state.copy_(window[..., 1:])
+        xBC = (window * self.conv1d.weight[:, 0, :]).sum(-1)
+        if self.conv1d.bias is not None:
+            xBC = xBC + self.conv1d.bias
+        xBC = F.silu(xBC).to(z.dtype)
+        x, dt, A, B, C = self._ssm_inputs(xBC, dt)
+        y, new_state = ssd_step(x, dt, A, B, C, cache.ssm_state, self.D)
+        cache.ssm_state.copy_(new_state)
+        y = self.norm(y.flatten(-2), z)
+        return self.out_proj(y)
+
+    def new_cache(self, batch_size: int, device=None, dtype=None) -> Mamba2Cache:
+        dtype = dtype or self.in_proj.weight.dtype
+        device = device or self.in_proj.weight.device
+        return Mamba2Cache(
+            conv_state=torch.zeros(batch_size, self.conv_dim, self.d_conv - 1, device=device, dtype=dtype),
+            ssm_state=torch.zeros(batch_size, self.nheads, self.headdim, self.d_state, device=device,
+                                  dtype=torch.float32),
+        )

@@ -1,0 +1,233 @@
+"""The union attention of DESIGN.md §3.3: one softmax over three key sets.
+
+For a query at absolute position ``i`` the visible keys are
+
+- the **raw window** ``k_j, v_j`` for ``j ∈ [i-W+1, i]`` (``window=None``: ``j ∈ [0, i]``);
+- the **fading tokens** ``kf_j, vf_j`` for ``j ∈ [i-W-F+1, i-W]``;
+- the **eidetic memory** of the query's chunk: slots whose position ``t`` satisfies
+  ``0 <= t <= i - W`` (an empty slot has position ``-1``). Memory keys are scored with
+  ``q_mem`` (the query as the eidetic rope mode wants it, DESIGN.md §3) instead of ``q``.
+
+Eidetic memory is given per query chunk: ``mem_k, mem_v [b, nq, M, hkv, dh]`` and
+``mem_pos [b, nq, M]`` hold the memory visible to chunk ``c`` (queries
+``c*chunk_size .. (c+1)*chunk_size - 1``), where ``nq = ceil(l / chunk_size)``.
+
+Three functions compute it:
+
+- :func:`union_attention_reference`: dense ``L x L`` scores with explicit masks;
+- :func:`union_attention_chunked`: the fast path; queries in blocks of ``chunk_size``
+  against only the keys a block can see, never an ``L x L`` matrix; full causal attention
+  (``window=None``) goes to PyTorch's fused causal SDPA;
+- :func:`union_attention_step`: one query against a decoding cache.
+
+Shapes: ``q [b, l, h, dh]``, ``k, v, kf, vf [b, l, hkv, dh]`` with ``h % hkv == 0``
+(grouped-query attention: query head ``i`` reads key head ``i // (h // hkv)``).
+Softmax is computed in float32; the output has the dtype of ``v``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def _check_inputs(q, k, v, window, fading_span, kf, vf, mem_k, mem_v, mem_pos, chunk_size) -> None:
+    if q.dim() != 4 or k.dim() != 4 or k.shape != v.shape:
+        raise ValueError(f"q must be [b, l, h, dh] and k, v [b, l, hkv, dh]; got {tuple(q.shape)}, "
+                         f"{tuple(k.shape)}, {tuple(v.shape)}")
+    if q.shape[2] % k.shape[2] != 0:
+        raise ValueError(f"query heads {q.shape[2]} must be a multiple of key/value heads {k.shape[2]}")
+    if window is not None and window < 1:
+        raise ValueError(f"window must be >= 1 or None (full attention), got {window}")
+    if fading_span < 0:
+        raise ValueError(f"fading_span must be >= 0, got {fading_span}")
+    if fading_span > 0 and (kf is None or vf is None or kf.shape != k.shape or vf.shape != v.shape):
+        raise ValueError("fading_span > 0 needs kf and vf shaped like k and v")
+    if (fading_span > 0 or mem_k is not None) and window is None:
+        raise ValueError("fading tokens and eidetic memory need a finite window")
+    if mem_k is not None:
+        nq = math.ceil(q.shape[1] / chunk_size)
+        b, _, hkv, dh = k.shape
+        if mem_k.dim() != 5 or mem_k.shape[:2] != (b, nq) or mem_k.shape[3:] != (hkv, dh):
+            raise ValueError(f"mem_k must be [b, ceil(l/chunk_size), M, hkv, dh] = [{b}, {nq}, M, {hkv}, "
+                             f"{dh}], got {tuple(mem_k.shape)}")
+        if mem_v is None or mem_v.shape != mem_k.shape or mem_pos is None or mem_pos.shape != mem_k.shape[:3]:
+            raise ValueError("mem_v must match mem_k and mem_pos must be [b, nq, M]")
+
+
+def union_attention_reference(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    window: int | None,
+    fading_span: int = 0,
+    kf: Tensor | None = None,
+    vf: Tensor | None = None,
+    mem_k: Tensor | None = None,
+    mem_v: Tensor | None = None,
+    mem_pos: Tensor | None = None,
+    q_mem: Tensor | None = None,
+    chunk_size: int = 64,
+    scale: float | None = None,
+) -> Tensor:
+    """Dense reference: every key set scored against every query, then masked. [b, l, h, dh]."""
+    _check_inputs(q, k, v, window, fading_span, kf, vf, mem_k, mem_v, mem_pos, chunk_size)
+    b, l, h, dh = q.shape
+    group = h // k.shape[2]
+    scale = dh**-0.5 if scale is None else scale
+    i = torch.arange(l, device=q.device)[:, None]  # query positions [l, 1]
+    j = torch.arange(l, device=q.device)[None, :]  # key positions [1, l]
+
+    def expand(t: Tensor) -> Tensor:  # [b, s, hkv, dh] -> [b, h, s, dh]
+        return t.float().repeat_interleave(group, dim=2).transpose(1, 2)
+
+    qh = q.float().transpose(1, 2)  # [b, h, l, dh]
+    raw_visible = j <= i if window is None else (j <= i) & (j >= i - window + 1)
+    scores = [(qh @ expand(k).transpose(-1, -2)).masked_fill(~raw_visible, float("-inf"))]
+    values = [expand(v)]
+    if fading_span > 0:
+        fading_visible = (j <= i - window) & (j >= i - window - fading_span + 1)
+        scores.append((qh @ expand(kf).transpose(-1, -2)).masked_fill(~fading_visible, float("-inf")))
+        values.append(expand(vf))
+    if mem_k is not None:
+        nq, m = mem_k.shape[1], mem_k.shape[2]
+        qm = (q if q_mem is None else q_mem).float().transpose(1, 2)
+        flat_pos = mem_pos.reshape(b, 1, nq * m)  # [b, 1, nq*M]
+        slot_chunk = torch.arange(nq, device=q.device).repeat_interleave(m)  # [nq*M]
+        mem_visible = (slot_chunk[None, None, :] == (i // chunk_size)[None]) & (flat_pos >= 0) & (
+            flat_pos <= i[None] - window
+        )  # [b, l, nq*M]
+        mk = expand(mem_k.reshape(b, nq * m, *mem_k.shape[3:]))
+        s = (qm @ mk.transpose(-1, -2)).masked_fill(~mem_visible[:, None], float("-inf"))
+        scores.append(s)
+        values.append(expand(mem_v.reshape(b, nq * m, *mem_v.shape[3:])))
+    probs = torch.softmax(torch.cat(scores, dim=-1) * scale, dim=-1)
+    out = probs @ torch.cat(values, dim=-2)  # [b, h, l, dh]
+    return out.transpose(1, 2).to(v.dtype)
+
+
+def _blocks(t: Tensor, front: int, size: int, nq: int, step: int) -> Tensor:
+    """Overlapping key blocks: pad ``t [b, l, hkv, dh]`` with ``front`` zeros before and enough
+    after, and return block ``n`` = padded positions ``[n*step, n*step + size)``,
+    as ``[b, nq, size, hkv, dh]``."""
+    back = max(0, (nq - 1) * step + size - front - t.shape[1])
+    padded = F.pad(t, (0, 0, 0, 0, front, back))
+    return padded.unfold(1, size, step)[:, :nq].permute(0, 1, 4, 2, 3)
+
+
+def union_attention_chunked(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    window: int | None,
+    fading_span: int = 0,
+    kf: Tensor | None = None,
+    vf: Tensor | None = None,
+    mem_k: Tensor | None = None,
+    mem_v: Tensor | None = None,
+    mem_pos: Tensor | None = None,
+    q_mem: Tensor | None = None,
+    chunk_size: int = 64,
+    scale: float | None = None,
+) -> Tensor:
+    """Fast path, same arguments and result as :func:`union_attention_reference`.
+
+    Query block ``n`` (positions ``s = n*C .. s+C-1``) is scored against the raw keys
+    ``[s-W+1, s+C-1]`` (``C+W-1`` keys), the fading keys ``[s-W-F+1, s+C-1-W]``
+    (``C+F-1`` keys) and the ``M`` memory slots of its chunk: ``O(L·(2C+W+F+M))`` work
+    instead of ``O(L²)``.
+    """
+    _check_inputs(q, k, v, window, fading_span, kf, vf, mem_k, mem_v, mem_pos, chunk_size)
+    b, l, h, dh = q.shape
+    hkv = k.shape[2]
+    group = h // hkv
+    scale = dh**-0.5 if scale is None else scale
+    if window is None:
+        qh, kh, vh = (t.transpose(1, 2) for t in (q, k, v))
+        kh, vh = kh.repeat_interleave(group, dim=1), vh.repeat_interleave(group, dim=1)
+        out = F.scaled_dot_product_attention(qh, kh, vh, is_causal=True, scale=scale)
+        return out.transpose(1, 2)
+
+    C, W, Fs = chunk_size, window, fading_span
+    nq = math.ceil(l / C)
+    device = q.device
+    a = torch.arange(C, device=device)  # query offset inside the block
+    block_start = torch.arange(nq, device=device) * C  # [nq]
+    q_blocks = F.pad(q, (0, 0, 0, 0, 0, nq * C - l)).view(b, nq, C, hkv, group, dh)
+
+    def block_scores(query: Tensor, keys: Tensor) -> Tensor:  # -> [b, nq, hkv, group, C, keys]
+        return torch.einsum("bnqkgd,bnrkd->bnkgqr", query, keys)
+
+    # Raw window: key r of block n is at j = s - W + 1 + r; visible iff a <= r <= a + W - 1, j >= 0.
+    r = torch.arange(C + W - 1, device=device)
+    j = block_start[:, None] - W + 1 + r[None, :]  # [nq, C+W-1]
+    raw_visible = (r[None, :] >= a[:, None]) & (r[None, :] <= a[:, None] + W - 1)  # [C, C+W-1]
+    raw_visible = raw_visible[None] & (j[:, None, :] >= 0)  # [nq, C, C+W-1]
+    scores = [block_scores(q_blocks, _blocks(k, W - 1, C + W - 1, nq, C))]
+    masks = [raw_visible[None, :, None, None]]
+    values = [_blocks(v, W - 1, C + W - 1, nq, C)]
+
+    if Fs > 0:
+        # Fading: key r of block n is at j = s - W - F + 1 + r; visible iff a <= r <= a + F - 1, j >= 0.
+        r = torch.arange(C + Fs - 1, device=device)
+        j = block_start[:, None] - W - Fs + 1 + r[None, :]
+        fading_visible = (r[None, :] >= a[:, None]) & (r[None, :] <= a[:, None] + Fs - 1)
+        fading_visible = fading_visible[None] & (j[:, None, :] >= 0)  # [nq, C, C+F-1]
+        scores.append(block_scores(q_blocks, _blocks(kf, W + Fs - 1, C + Fs - 1, nq, C)))
+        masks.append(fading_visible[None, :, None, None])
+        values.append(_blocks(vf, W + Fs - 1, C + Fs - 1, nq, C))
+
+    if mem_k is not None:
+        query_pos = block_start[:, None] + a[None, :]  # [nq, C]
+        mem_visible = (mem_pos[:, :, None, :] >= 0) & (
+            mem_pos[:, :, None, :] <= query_pos[None, :, :, None] - W
+        )  # [b, nq, C, M]
+        qm = q if q_mem is None else q_mem
+        qm_blocks = F.pad(qm, (0, 0, 0, 0, 0, nq * C - l)).view(b, nq, C, hkv, group, dh)
+        scores.append(block_scores(qm_blocks, mem_k))
+        masks.append(mem_visible[:, :, None, None])
+        values.append(mem_v)
+
+    logits = torch.cat(scores, dim=-1).float() * scale  # [b, nq, hkv, group, C, keys]
+    logits = logits.masked_fill(~torch.cat([m.expand(b, nq, 1, 1, *m.shape[-2:]) for m in masks], -1),
+                                float("-inf"))
+    probs = torch.softmax(logits, dim=-1).to(v.dtype)
+    out = torch.einsum("bnkgqr,bnrkd->bnqkgd", probs, torch.cat(values, dim=2))
+    return out.reshape(b, nq * C, h, dh)[:, :l]
+
+
+def union_attention_step(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    visible: Tensor,
+    q_mem: Tensor | None = None,
+    mem_k: Tensor | None = None,
+    mem_v: Tensor | None = None,
+    mem_visible: Tensor | None = None,
+    scale: float | None = None,
+) -> Tensor:
+    """One decoding query against cached keys. ``q [b, h, dh]``; ``k, v [b, s, hkv, dh]``
+    (raw and fading keys of the cache); ``visible [b, s]`` or ``[s]``; the eidetic slots
+    ``mem_k, mem_v [b, M, hkv, dh]`` with ``mem_visible [b, M]`` are scored with ``q_mem``.
+    Returns ``[b, h, dh]``."""
+    b, h, dh = q.shape
+    hkv = k.shape[2]
+    scale = dh**-0.5 if scale is None else scale
+    qg = q.view(b, hkv, h // hkv, dh)
+    scores = [torch.einsum("bkgd,bskd->bkgs", qg, k)]
+    masks = [visible.expand(b, k.shape[1])]
+    values = [v]
+    if mem_k is not None:
+        qm = (q if q_mem is None else q_mem).view(b, hkv, h // hkv, dh)
+        scores.append(torch.einsum("bkgd,bskd->bkgs", qm, mem_k))
+        masks.append(mem_visible)
+        values.append(mem_v)
+    logits = torch.cat(scores, dim=-1).float() * scale
+    logits = logits.masked_fill(~torch.cat(masks, dim=-1)[:, None, None, :], float("-inf"))
+    probs = torch.softmax(logits, dim=-1).to(v.dtype)
+    out = torch.einsum("bkgs,bskd->bkgd", probs, torch.cat(values, dim=1))
+    return out.reshape(b, h, dh)

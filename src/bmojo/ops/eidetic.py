@@ -1,0 +1,159 @@
+"""Innovation test, per-chunk selection and eidetic memory contents (DESIGN.md §4).
+
+Everything here works on positions and scores only (no keys or values): the layer gathers
+the keys and values of the chosen positions, so gradients flow through the selected
+tokens' ``k, v`` and nowhere else (selection is a hard choice).
+
+Conventions:
+
+- an **empty** entry has position ``-1`` and score ``-inf``;
+- entries are **ranked** by score, descending, ties broken by the earlier position;
+- ``selection`` decides the score each position competes with: ``"topk"`` the innovation
+  ``s_t``; ``"random"`` a seeded hash of the position (uniform in ``[0, 1)``, the same for
+  every batch row); ``"recent"`` the position itself (the chunk's last ``k`` win).
+  ``innovation_threshold`` (``"topk"`` only) empties a selected slot whose score is ``<= τ``.
+
+Two ways to compute the memory visible to each chunk:
+
+- :func:`eidetic_memory_sequential`: the reference, a loop over chunks applying
+  :func:`eidetic_memory_update`, the very function the decoder applies when a chunk ends;
+- :func:`eidetic_memory_per_chunk`: the vectorised fast path.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+POLICIES = ("fifo", "score")
+SELECTIONS = ("topk", "random", "recent")
+
+
+def innovation_scores(x: Tensor, x_hat: Tensor) -> Tensor:
+    """``s_t = ||x_t - x̂_t||² / D`` in float32. ``x, x_hat [..., D]`` -> ``[...]``."""
+    return (x.float() - x_hat.float()).pow(2).mean(dim=-1)
+
+
+def selection_scores(innovation: Tensor, positions: Tensor, selection: str, seed: int = 0) -> Tensor:
+    """The score each position competes with inside its chunk (see module docstring).
+    ``innovation [b, l]``, ``positions [l]`` -> ``[b, l]`` float32."""
+    if selection == "topk":
+        return innovation.float()
+    if selection == "random":
+        # Deterministic hash of (position, seed), computed in float64: the decoder computes
+        # the same value for the same position, whatever the chunking.
+        u = torch.sin(positions.double() * 12.9898 + (seed + 1) * 78.233) * 43758.5453
+        return (u - torch.floor(u)).float().expand_as(innovation)
+    if selection == "recent":
+        return positions.float().expand_as(innovation)
+    raise ValueError(f"selection must be one of {SELECTIONS}, got {selection!r}")
+
+
+def rank_order(score: Tensor, pos: Tensor) -> Tensor:
+    """Permutation (along the last dim) sorting entries by score descending, then position
+    ascending. Empty entries (score ``-inf``) come last."""
+    by_pos = torch.argsort(pos, dim=-1, stable=True)
+    by_score = torch.argsort(-score.gather(-1, by_pos), dim=-1, stable=True)
+    return by_pos.gather(-1, by_score)
+
+
+def select_per_chunk(
+    score: Tensor, chunk_size: int, k: int, threshold: float | None = None
+) -> tuple[Tensor, Tensor]:
+    """The ``k`` best positions of every **complete** chunk.
+
+    ``score [b, l]`` -> ``(sel_pos [b, nc, k], sel_score [b, nc, k])`` with
+    ``nc = l // chunk_size``, entries in rank order; empty where the score is ``<= threshold``.
+    """
+    b, l = score.shape
+    nc = l // chunk_size
+    s = score[:, : nc * chunk_size].reshape(b, nc, chunk_size)
+    pos = torch.arange(nc * chunk_size, device=score.device).view(1, nc, chunk_size).expand(b, nc, chunk_size)
+    order = rank_order(s, pos)[..., :k]
+    sel_score, sel_pos = s.gather(-1, order), pos.gather(-1, order)
+    if threshold is not None:
+        empty = sel_score <= threshold
+        sel_score = sel_score.masked_fill(empty, float("-inf"))
+        sel_pos = sel_pos.masked_fill(empty, -1)
+    return sel_pos, sel_score
+
+
+def eidetic_memory_update(
+    mem_pos: Tensor, mem_score: Tensor, new_pos: Tensor, new_score: Tensor, policy: str
+) -> Tensor:
+    """The memory after one chunk's selections arrive.
+
+    ``mem_* [b, M]`` (oldest first for ``"fifo"``, rank order for ``"score"``) and
+    ``new_* [b, k]`` -> index ``[b, M]`` into the concatenation ``[mem ; new]`` (``M + k``
+    entries) giving the new memory. ``"fifo"`` drops the oldest ``k`` entries; ``"score"``
+    keeps the ``M`` best ranked.
+    """
+    b, m = mem_pos.shape
+    k = new_pos.shape[1]
+    if policy == "fifo":
+        return torch.arange(k, k + m, device=mem_pos.device).expand(b, m)
+    if policy == "score":
+        return rank_order(torch.cat([mem_score, new_score], 1), torch.cat([mem_pos, new_pos], 1))[:, :m]
+    raise ValueError(f"eidetic policy must be one of {POLICIES}, got {policy!r}")
+
+
+def empty_memory(batch: int, capacity: int, device: torch.device | None = None) -> tuple[Tensor, Tensor]:
+    """``(pos [b, M] = -1, score [b, M] = -inf)``."""
+    return (
+        torch.full((batch, capacity), -1, dtype=torch.long, device=device),
+        torch.full((batch, capacity), float("-inf"), device=device),
+    )
+
+
+def eidetic_memory_sequential(
+    sel_pos: Tensor, sel_score: Tensor, capacity: int, policy: str
+) -> tuple[Tensor, Tensor]:
+    """Reference: memory visible to each chunk, by folding :func:`eidetic_memory_update`.
+
+    ``sel_* [b, nc, k]`` -> ``(mem_pos, mem_score)`` of shape ``[b, nc + 1, M]``; entry ``c``
+    is the memory after chunks ``0 .. c-1`` completed (what chunk ``c`` sees).
+    """
+    b, nc, _ = sel_pos.shape
+    pos, score = empty_memory(b, capacity, sel_pos.device)
+    out_pos, out_score = [pos], [score]
+    for c in range(nc):
+        idx = eidetic_memory_update(pos, score, sel_pos[:, c], sel_score[:, c], policy)
+        pos = torch.cat([pos, sel_pos[:, c]], 1).gather(1, idx)
+        score = torch.cat([score, sel_score[:, c]], 1).gather(1, idx)
+        out_pos.append(pos)
+        out_score.append(score)
+    return torch.stack(out_pos, 1), torch.stack(out_score, 1)
+
+
+def eidetic_memory_per_chunk(
+    sel_pos: Tensor, sel_score: Tensor, capacity: int, policy: str
+) -> tuple[Tensor, Tensor]:
+    """Fast path of :func:`eidetic_memory_sequential`, same result and slot order.
+
+    ``"fifo"``: chunk ``c`` sees the selections of chunks ``c - M/k .. c-1`` (a sliding
+    window over chunks). ``"score"``: chunk ``c`` sees the ``M`` best ranked selections of
+    chunks ``< c`` (all chunks at once, ``O(nc² k)`` memory, fine for ``nc`` in the hundreds).
+    """
+    b, nc, k = sel_pos.shape
+    if capacity == 0:
+        return sel_pos.new_full((b, nc + 1, 0), -1), sel_score.new_full((b, nc + 1, 0), float("-inf"))
+    if policy == "fifo":
+        history = capacity // k
+        pos = torch.cat([sel_pos.new_full((b, history, k), -1), sel_pos], 1)  # [b, history + nc, k]
+        score = torch.cat([sel_score.new_full((b, history, k), float("-inf")), sel_score], 1)
+        windows = torch.arange(nc + 1, device=sel_pos.device)[:, None] + torch.arange(history, device=sel_pos.device)
+        return pos[:, windows].reshape(b, nc + 1, capacity), score[:, windows].reshape(b, nc + 1, capacity)
+    if policy == "score":
+        flat_pos = sel_pos.reshape(b, 1, nc * k)
+        flat_score = sel_score.reshape(b, 1, nc * k)
+        entry_chunk = torch.arange(nc, device=sel_pos.device).repeat_interleave(k)  # [nc*k]
+        seen = entry_chunk[None, :] < torch.arange(nc + 1, device=sel_pos.device)[:, None]  # [nc+1, nc*k]
+        pos = torch.where(seen, flat_pos, -1)  # [b, nc+1, nc*k]
+        score = torch.where(seen, flat_score, float("-inf"))
+        if nc * k < capacity:
+            pad = capacity - nc * k
+            pos = torch.cat([pos, pos.new_full((b, nc + 1, pad), -1)], -1)
+            score = torch.cat([score, score.new_full((b, nc + 1, pad), float("-inf"))], -1)
+        order = rank_order(score, pos)[..., :capacity]
+        return pos.gather(-1, order), score.gather(-1, order)
+    raise ValueError(f"eidetic policy must be one of {POLICIES}, got {policy!r}")

@@ -1,0 +1,173 @@
+"""Mamba-2 state-space duality (SSD) scan: the fading memory of DESIGN.md §3.1.
+
+Recurrence (per batch row and head, state ``S`` of shape ``[p, n]``)::
+
+    S_t = exp(dt_t * A) * S_{t-1} + dt_t * x_t ⊗ B_t
+    y_t = S_t · C_t + D * x_t
+
+Three functions compute it:
+
+- :func:`ssd_step`: one time step (decoding);
+- :func:`ssd_sequential`: the reference, a Python loop over :func:`ssd_step`;
+- :func:`ssd_chunked`: the fast path, the chunked SSD algorithm (quadratic attention-like
+  form inside chunks of ``chunk_size`` positions, a linear recurrence over chunk states).
+
+Whatever the input dtype, all accumulation happens in float32 (DESIGN.md §8.5); outputs
+are returned in the dtype of ``x`` and states in float32.
+
+Shapes: ``x [b, l, h, p]``, ``dt [b, l, h]`` (already positive), ``A [h]`` (negative),
+``B, C [b, l, g, n]`` with ``h % g == 0`` (head ``i`` reads group ``i // (h // g)``),
+``D [h]``, states ``[b, h, p, n]``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def _check_shapes(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor) -> None:
+    if x.dim() != 4:
+        raise ValueError(f"x must be [b, l, h, p], got shape {tuple(x.shape)}")
+    b, l, h, _ = x.shape
+    if dt.shape != (b, l, h):
+        raise ValueError(f"dt must be [b, l, h] = {(b, l, h)}, got {tuple(dt.shape)}")
+    if A.shape != (h,):
+        raise ValueError(f"A must be [h] = {(h,)}, got {tuple(A.shape)}")
+    if B.dim() != 4 or B.shape[:2] != (b, l) or B.shape != C.shape:
+        raise ValueError(f"B and C must both be [b, l, g, n], got {tuple(B.shape)}, {tuple(C.shape)}")
+    if h % B.shape[2] != 0:
+        raise ValueError(f"number of heads {h} must be a multiple of number of groups {B.shape[2]}")
+
+
+def _heads_from_groups(t: Tensor, nheads: int) -> Tensor:
+    """[..., g, n] -> [..., h, n]: head i reads group i // (h // g)."""
+    return t.repeat_interleave(nheads // t.shape[-2], dim=-2)
+
+
+def ssd_step(
+    x: Tensor,
+    dt: Tensor,
+    A: Tensor,
+    B: Tensor,
+    C: Tensor,
+    state: Tensor,
+    D: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
+    """One step of the recurrence. ``x [b, h, p]``, ``dt [b, h]``, ``B, C [b, g, n]``,
+    ``state [b, h, p, n]`` (float32). Returns ``(y [b, h, p], new_state [b, h, p, n])``."""
+    h = x.shape[1]
+    xf, dtf = x.float(), dt.float()
+    Bh = _heads_from_groups(B.float(), h)  # [b, h, n]
+    Ch = _heads_from_groups(C.float(), h)  # [b, h, n]
+    decay = torch.exp(dtf * A.float())  # [b, h]
+    new_state = decay[..., None, None] * state.float() + (dtf[..., None] * xf)[..., None] * Bh[:, :, None, :]
+    y = torch.einsum("bhpn,bhn->bhp", new_state, Ch)
+    if D is not None:
+        y = y + D.float()[:, None] * xf
+    return y.to(x.dtype), new_state
+
+
+def ssd_sequential(
+    x: Tensor,
+    dt: Tensor,
+    A: Tensor,
+    B: Tensor,
+    C: Tensor,
+    D: Tensor | None = None,
+    initial_state: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Reference scan: :func:`ssd_step` applied position by position. Returns
+    ``(y [b, l, h, p], final_state [b, h, p, n])``."""
+    _check_shapes(x, dt, A, B, C)
+    b, l, h, p = x.shape
+    n = B.shape[-1]
+    state = x.new_zeros(b, h, p, n, dtype=torch.float32) if initial_state is None else initial_state.float()
+    ys = []
+    for t in range(l):
+        y, state = ssd_step(x[:, t], dt[:, t], A, B[:, t], C[:, t], state, D)
+        ys.append(y)
+    y = torch.stack(ys, dim=1) if ys else x.new_zeros(b, 0, h, p)
+    return y, state
+
+
+def segment_sum(a: Tensor) -> Tensor:
+    """``[..., T] -> [..., T, T]`` with ``out[..., i, j] = a[j+1] + ... + a[i]`` for ``i >= j``
+    and ``-inf`` above the diagonal, so that ``exp(out)`` is the causal decay matrix.
+
+    Computed as a masked cumulative sum (not a difference of cumulative sums) so that long
+    chunks do not lose precision.
+    """
+    T = a.shape[-1]
+    a = a[..., None].expand(*a.shape, T)  # [..., T(k), T(j)]
+    strictly_lower = torch.ones(T, T, dtype=torch.bool, device=a.device).tril(-1)
+    a = a.masked_fill(~strictly_lower, 0.0)
+    out = torch.cumsum(a, dim=-2)  # [..., i, j] = sum_{j < k <= i} a_k
+    lower = torch.ones(T, T, dtype=torch.bool, device=a.device).tril(0)
+    return out.masked_fill(~lower, float("-inf"))
+
+
+def ssd_chunked(
+    x: Tensor,
+    dt: Tensor,
+    A: Tensor,
+    B: Tensor,
+    C: Tensor,
+    D: Tensor | None = None,
+    initial_state: Tensor | None = None,
+    chunk_size: int = 64,
+) -> tuple[Tensor, Tensor]:
+    """Chunked SSD (Mamba-2, Dao & Gu 2024, "SSD minimal" form), any length ``l``.
+
+    The sequence is padded to a multiple of ``chunk_size`` with ``dt = 0`` (no decay, no
+    input), which leaves the final state unchanged. Returns
+    ``(y [b, l, h, p], final_state [b, h, p, n])``.
+    """
+    _check_shapes(x, dt, A, B, C)
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    b, l, h, p = x.shape
+    n = B.shape[-1]
+    out_dtype = x.dtype
+    Q = chunk_size
+    pad = (-l) % Q
+    xf, dtf, Bf, Cf = x.float(), dt.float(), B.float(), C.float()
+    if pad:
+        xf = F.pad(xf, (0, 0, 0, 0, 0, pad))
+        dtf = F.pad(dtf, (0, 0, 0, pad))
+        Bf = F.pad(Bf, (0, 0, 0, 0, 0, pad))
+        Cf = F.pad(Cf, (0, 0, 0, 0, 0, pad))
+    nc = (l + pad) // Q
+    Bh = _heads_from_groups(Bf, h).view(b, nc, Q, h, n)
+    Ch = _heads_from_groups(Cf, h).view(b, nc, Q, h, n)
+    x_dt = (xf * dtf[..., None]).view(b, nc, Q, h, p)  # [b, c, Q, h, p]
+    a = (dtf * A.float()).view(b, nc, Q, h).permute(0, 3, 1, 2)  # [b, h, c, Q]
+    a_cumsum = torch.cumsum(a, dim=-1)  # [b, h, c, Q]
+
+    # 1. Within each chunk: y_i += sum_{j <= i} (C_i · B_j) exp(a_{j+1} + ... + a_i) dt_j x_j.
+    decay_in_chunk = torch.exp(segment_sum(a))  # [b, h, c, Q(i), Q(j)]
+    scores = torch.einsum("bcihn,bcjhn->bhcij", Ch, Bh) * decay_in_chunk
+    y = torch.einsum("bhcij,bcjhp->bcihp", scores, x_dt)
+
+    # 2. State contributed by each chunk alone, at its end.
+    decay_to_end = torch.exp(a_cumsum[..., -1:] - a_cumsum)  # [b, h, c, Q]
+    chunk_states = torch.einsum("bcjhn,bhcj,bcjhp->bchpn", Bh, decay_to_end, x_dt)
+
+    # 3. Recurrence over chunks: the state entering each chunk, and the final state.
+    if initial_state is None:
+        initial_state = chunk_states.new_zeros(b, h, p, n)
+    states = torch.cat([initial_state.float()[:, None], chunk_states], dim=1)  # [b, c+1, h, p, n]
+    chunk_decay = a_cumsum[..., -1]  # [b, h, c]
+    decay_chunks = torch.exp(segment_sum(F.pad(chunk_decay, (1, 0))))  # [b, h, c+1, c+1]
+    states = torch.einsum("bhzc,bchpn->bzhpn", decay_chunks, states)  # [b, c+1, h, p, n]
+    entering_states, final_state = states[:, :-1], states[:, -1]
+
+    # 4. Contribution of the entering state to each position of the chunk.
+    decay_from_start = torch.exp(a_cumsum)  # [b, h, c, Q]
+    y = y + torch.einsum("bcihn,bchpn,bhci->bcihp", Ch, entering_states, decay_from_start)
+
+    y = y.reshape(b, nc * Q, h, p)[:, :l]
+    if D is not None:
+        y = y + D.float()[:, None] * x.float()
+    return y.to(out_dtype), final_state

@@ -1,0 +1,210 @@
+"""SSD scan (DESIGN.md §3.1, §8.2, §8.5): chunked fast path == sequential reference."""
+
+from __future__ import annotations
+
+import functools
+
+import pytest
+import torch
+
+from bmojo.ops import ssd_chunked, ssd_sequential, ssd_step
+
+B_, H, P, N = 2, 4, 8, 8
+GRAD_NAMES = ("x", "dt", "A", "B", "C", "D", "initial_state")
+
+
+def make_inputs(
+    l: int,
+    g: int,
+    *,
+    with_init: bool = True,
+    with_d: bool = True,
+    seed: int = 0,
+    b: int = B_,
+    h: int = H,
+    p: int = P,
+    n: int = N,
+    dtype: torch.dtype = torch.float32,
+) -> dict[str, torch.Tensor | None]:
+    """Random inputs in realistic ranges: dt in [1e-3, 0.1], A in [-16, -1]."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(b, l, h, p, generator=gen, dtype=dtype)
+    dt = (1e-3 + (0.1 - 1e-3) * torch.rand(b, l, h, generator=gen)).to(dtype)
+    A = (-1.0 - 15.0 * torch.rand(h, generator=gen)).to(dtype)
+    B = torch.randn(b, l, g, n, generator=gen, dtype=dtype)
+    C = torch.randn(b, l, g, n, generator=gen, dtype=dtype)
+    D = torch.randn(h, generator=gen, dtype=dtype) if with_d else None
+    s0 = torch.randn(b, h, p, n, generator=gen, dtype=dtype) if with_init else None
+    return {"x": x, "dt": dt, "A": A, "B": B, "C": C, "D": D, "initial_state": s0}
+
+
+def run_with_grads(fn, inputs, seed: int = 1, **kwargs):
+    """Run ``fn`` on leaf copies of ``inputs``; return (y, final_state, {name: grad})."""
+    leaves = {
+        k: (None if v is None else v.detach().clone().requires_grad_(True))
+        for k, v in inputs.items()
+    }
+    y, state = fn(**leaves, **kwargs)
+    gen = torch.Generator().manual_seed(seed)
+    gy = torch.randn(y.shape, generator=gen, dtype=torch.float32)
+    gs = torch.randn(state.shape, generator=gen, dtype=torch.float32)
+    loss = (y.float() * gy).sum() + (state * gs).sum()
+    names = [k for k in GRAD_NAMES if leaves[k] is not None]
+    grads = torch.autograd.grad(loss, [leaves[k] for k in names])
+    return y.detach(), state.detach(), dict(zip(names, grads, strict=True))
+
+
+@functools.lru_cache(maxsize=None)
+def sequential_reference(l: int, g: int, with_init: bool, with_d: bool):
+    inputs = make_inputs(l, g, with_init=with_init, with_d=with_d, seed=1000 + l)
+    return inputs, run_with_grads(ssd_sequential, inputs)
+
+
+# (g, with_init, with_d): every pair of values of any two factors occurs once.
+CONFIGS = [(1, False, False), (1, True, True), (2, True, False), (2, False, True)]
+
+
+@pytest.mark.parametrize(("g", "with_init", "with_d"), CONFIGS)
+@pytest.mark.parametrize("chunk_size", [1, 16, 64])
+@pytest.mark.parametrize("l", [1, 2, 63, 64, 100, 257])
+def test_chunked_matches_sequential(l, chunk_size, g, with_init, with_d):
+    inputs, (y_ref, s_ref, g_ref) = sequential_reference(l, g, with_init, with_d)
+    y, s, grads = run_with_grads(ssd_chunked, inputs, chunk_size=chunk_size)
+
+    assert y.shape == (B_, l, H, P) and y.dtype == torch.float32
+    assert s.shape == (B_, H, P, N) and s.dtype == torch.float32
+    torch.testing.assert_close(y, y_ref, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(s, s_ref, atol=1e-5, rtol=1e-4)
+    assert grads.keys() == g_ref.keys()
+    assert ("D" in grads) == with_d and ("initial_state" in grads) == with_init
+    for name in grads:
+        ref = g_ref[name]
+        # dA sums over b*l*h*p*n terms: scale its tolerance with its magnitude.
+        atol = 1e-4 * max(1.0, ref.abs().max().item())
+        torch.testing.assert_close(grads[name], ref, atol=atol, rtol=1e-4, msg=name)
+
+
+def test_final_state_not_changed_by_padding():
+    """l = 100 is padded to 128 with dt = 0: the final state must be the state at l - 1."""
+    inputs = make_inputs(100, 2, seed=3)
+    _, s_short = ssd_chunked(**inputs, chunk_size=64)
+    _, s_seq = ssd_sequential(**inputs)
+    torch.testing.assert_close(s_short, s_seq, atol=1e-5, rtol=1e-4)
+
+
+def test_gradcheck_float64_tiny():
+    """Finite differences on a tiny case. ssd_chunked computes in float32 whatever the input
+    dtype (module docstring, DESIGN.md §8.5), so the float64 finite differences need a larger
+    ``eps`` than gradcheck's default; a wrong gradient would still be off by O(1)."""
+    inputs = make_inputs(5, 1, b=1, h=2, p=2, n=3, seed=7, dtype=torch.float64)
+    names = list(GRAD_NAMES)
+    leaves = [inputs[k].clone().requires_grad_(True) for k in names]
+
+    def fn(x, dt, A, B, C, D, s0):
+        return ssd_chunked(x, dt, A, B, C, D=D, initial_state=s0, chunk_size=2)
+
+    assert torch.autograd.gradcheck(fn, leaves, eps=1e-3, atol=1e-3, rtol=1e-2, fast_mode=True)
+
+
+@pytest.mark.parametrize("with_d", [False, True])
+@pytest.mark.parametrize("g", [1, 2, 4])
+def test_step_matches_explicit_definition(g, with_d):
+    gen = torch.Generator().manual_seed(11)
+    b, h, p, n = 2, 4, 3, 5
+    x = torch.randn(b, h, p, generator=gen)
+    dt = 1e-3 + (0.1 - 1e-3) * torch.rand(b, h, generator=gen)
+    A = -1.0 - 15.0 * torch.rand(h, generator=gen)
+    Bm = torch.randn(b, g, n, generator=gen)
+    Cm = torch.randn(b, g, n, generator=gen)
+    D = torch.randn(h, generator=gen) if with_d else None
+    S = torch.randn(b, h, p, n, generator=gen)
+
+    y, S_new = ssd_step(x, dt, A, Bm, Cm, S, D)
+
+    y_exp = torch.zeros(b, h, p)
+    S_exp = torch.zeros(b, h, p, n)
+    for bi in range(b):
+        for hi in range(h):
+            grp = hi // (h // g)
+            decay = torch.exp(dt[bi, hi] * A[hi])
+            S_exp[bi, hi] = decay * S[bi, hi] + dt[bi, hi] * torch.outer(x[bi, hi], Bm[bi, grp])
+            y_exp[bi, hi] = S_exp[bi, hi] @ Cm[bi, grp]
+            if with_d:
+                y_exp[bi, hi] += D[hi] * x[bi, hi]
+    torch.testing.assert_close(S_new, S_exp, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(y, y_exp, atol=1e-6, rtol=1e-5)
+    assert S_new.dtype == torch.float32
+
+
+def test_sequential_is_step_loop_from_zero_state():
+    """With no initial state the scan starts from zeros: the first output is dt*(x⊗B)·C + Dx."""
+    inputs = make_inputs(3, 2, with_init=False, seed=5)
+    y, _ = ssd_sequential(**inputs)
+    x, dt, Bm, Cm, D = (inputs[k] for k in ("x", "dt", "B", "C", "D"))
+    Bh = Bm[:, 0].repeat_interleave(2, dim=1)  # [b, h, n], h // g = 2
+    Ch = Cm[:, 0].repeat_interleave(2, dim=1)
+    y0 = dt[:, 0, :, None] * x[:, 0] * (Bh * Ch).sum(-1)[..., None] + D[:, None] * x[:, 0]
+    torch.testing.assert_close(y[:, 0], y0, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("fn", ["chunked", "sequential"])
+def test_bf16_inputs(fn):
+    inputs = make_inputs(100, 2, seed=21)
+    bf = {k: None if v is None else v.to(torch.bfloat16) for k, v in inputs.items()}
+    # fp32 run on the very same (bf16-rounded) values.
+    up = {k: None if v is None else v.float() for k, v in bf.items()}
+    if fn == "chunked":
+        y, s = ssd_chunked(**bf, chunk_size=16)
+        y32, s32 = ssd_chunked(**up, chunk_size=16)
+    else:
+        y, s = ssd_sequential(**bf)
+        y32, s32 = ssd_sequential(**up)
+    assert y.dtype == torch.bfloat16
+    assert s.dtype == torch.float32
+    assert y32.dtype == torch.float32
+    # Accumulation is in fp32: only the final rounding of y to bf16 differs.
+    torch.testing.assert_close(s, s32, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(y.float(), y32, atol=2e-2, rtol=1e-2)
+
+
+def test_bf16_close_to_fp32_inputs():
+    """bf16 inputs give a result close to the fp32 computation on the unrounded inputs."""
+    inputs = make_inputs(63, 2, seed=22)
+    bf = {k: None if v is None else v.to(torch.bfloat16) for k, v in inputs.items()}
+    y, s = ssd_chunked(**bf, chunk_size=16)
+    y32, s32 = ssd_chunked(**inputs, chunk_size=16)
+    scale = y32.abs().max().item()
+    torch.testing.assert_close(y.float(), y32, atol=3e-2 * scale, rtol=5e-2)
+    torch.testing.assert_close(s, s32, atol=3e-2 * s32.abs().max().item(), rtol=5e-2)
+
+
+@pytest.mark.parametrize("fn", [ssd_chunked, ssd_sequential])
+def test_heads_not_multiple_of_groups(fn):
+    inputs = make_inputs(4, 3, seed=0)  # h = 4, g = 3
+    with pytest.raises(ValueError):
+        fn(**inputs)
+
+
+@pytest.mark.parametrize("bad_shape", [(B_, 4), (B_, 4, H + 1), (B_, 5, H), (B_, 4, H, 1)])
+@pytest.mark.parametrize("fn", [ssd_chunked, ssd_sequential])
+def test_bad_dt_shape(fn, bad_shape):
+    inputs = make_inputs(4, 2, seed=0)
+    inputs["dt"] = torch.full(bad_shape, 0.01)
+    with pytest.raises(ValueError):
+        fn(**inputs)
+
+
+@pytest.mark.parametrize("fn", [ssd_chunked, ssd_sequential])
+def test_bad_other_shapes(fn):
+    inputs = make_inputs(4, 2, seed=0)
+    with pytest.raises(ValueError):
+        fn(**{**inputs, "A": torch.full((H + 1,), -1.0)})
+    with pytest.raises(ValueError):
+        fn(**{**inputs, "C": inputs["C"][..., :-1]})
+    with pytest.raises(ValueError):
+        fn(**{**inputs, "x": inputs["x"][0]})
+
+
+def test_bad_chunk_size():
+    with pytest.raises(ValueError):
+        ssd_chunked(**make_inputs(4, 2), chunk_size=0)
