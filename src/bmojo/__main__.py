@@ -1,0 +1,5 @@
+import sys
+
+from bmojo.cli import main
+
+sys.exit(main())
