@@ -39,7 +39,8 @@ SSD_HEADS, SSD_HEAD_DIM, SSD_GROUPS, SSD_STATE, SSD_CHUNK = 8, 64, 1, 64, 64
 ATTN_HEADS, ATTN_KV_HEADS, ATTN_HEAD_DIM = 8, 4, 64
 WINDOW, FADING_SPAN, ATTN_CHUNK, MEMORY_SLOTS = 256, 256, 256, 64
 
-# Sequential SSD beyond this length is timed with SEQUENTIAL_LONG_REPEATS runs only.
+# From this length on, the sequential SSD (a Python loop, about a minute forward+backward at
+# L=4096 on two cores) is timed SEQUENTIAL_LONG_REPEATS times, without warmup runs.
 SEQUENTIAL_LONG_FROM = 2048
 SEQUENTIAL_LONG_REPEATS = 1
 # A configuration whose baseline is estimated to need more memory than this is skipped.
@@ -93,14 +94,19 @@ def ssd_case(batch: int, length: int) -> Case:
         "C": torch.randn(b, l, g, n, requires_grad=True),
         "D": torch.randn(h, requires_grad=True),
     }
-    # The sequential scan keeps a few [b, h, p, n] states alive per step for backward.
+    # Forward keeps two [b, h, p, n] states and the output; for backward, the sequential scan
+    # keeps a few states per step.
     states_bytes = b * l * h * p * n * FP32_BYTES
+    output_bytes = b * l * h * p * FP32_BYTES
     return Case(
         op=f"ssd chunk={SSD_CHUNK}",
         baseline=ssd_sequential,
         fast=functools.partial(ssd_chunked, chunk_size=SSD_CHUNK),
         kwargs=kwargs,
-        baseline_peak_bytes={"fwd": 2 * states_bytes // l, "fwd+bwd": 4 * states_bytes},
+        baseline_peak_bytes={
+            "fwd": 2 * states_bytes // l + output_bytes,
+            "fwd+bwd": 4 * states_bytes,
+        },
     )
 
 
@@ -191,12 +197,14 @@ def time_interleaved(
     baseline: Callable[[], None],
     fast: Callable[[], None],
     repeats: int,
-    baseline_repeats: int,
     warmup: int,
+    baseline_repeats: int,
+    baseline_warmup: int,
 ) -> tuple[Timing, Timing]:
     """Alternate baseline and fast runs; the baseline stops after ``baseline_repeats`` runs."""
-    for _ in range(warmup):
-        baseline()
+    for i in range(warmup):
+        if i < baseline_warmup:
+            baseline()
         fast()
     baseline_ms, fast_ms = [], []
     for i in range(repeats):
@@ -211,15 +219,16 @@ def measure(case: Case, mode: str, length: int, args: argparse.Namespace) -> Res
     if peak > MEMORY_LIMIT_BYTES:
         reason = f"memory (~{peak / 2**30:.1f} GiB estimated)"
         return Result(case.op, mode, length, None, None, None, skipped=reason)
-    baseline_repeats = args.repeats
+    baseline_repeats, baseline_warmup = args.repeats, args.warmup
     if case.baseline is ssd_sequential and length >= SEQUENTIAL_LONG_FROM:
-        baseline_repeats = min(args.repeats, SEQUENTIAL_LONG_REPEATS)
+        baseline_repeats, baseline_warmup = min(args.repeats, SEQUENTIAL_LONG_REPEATS), 0
     baseline, fast = time_interleaved(
         make_runner(case.baseline, case.kwargs, mode),
         make_runner(case.fast, case.kwargs, mode),
         args.repeats,
-        baseline_repeats,
         args.warmup,
+        baseline_repeats,
+        baseline_warmup,
     )
     return Result(case.op, mode, length, baseline, fast, baseline.median_ms / fast.median_ms)
 
@@ -249,7 +258,8 @@ def format_row(r: Result) -> str:
 def ssd_verdict(results: list[Result]) -> str:
     claim = f"chunked SSD >= {SSD_TARGET_RATIO:g}x faster than sequential at L={SSD_TARGET_LENGTH}"
     rows = [
-        r for r in results
+        r
+        for r in results
         if r.op.startswith("ssd") and r.length == SSD_TARGET_LENGTH and r.ratio is not None
     ]
     if not rows:
@@ -262,7 +272,8 @@ def ssd_verdict(results: list[Result]) -> str:
 def attention_verdict(results: list[Result]) -> str:
     claim = f"chunked attention faster than dense from L={ATTN_TARGET_FROM} on"
     rows = [
-        r for r in results
+        r
+        for r in results
         if r.op.startswith("attn") and r.length >= ATTN_TARGET_FROM and r.ratio is not None
     ]
     if not rows:
@@ -275,15 +286,22 @@ def attention_verdict(results: list[Result]) -> str:
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--lengths", default="256,1024,4096",
-                        help="comma-separated sequence lengths (default: %(default)s)")
+    parser.add_argument(
+        "--lengths",
+        default="256,1024,4096",
+        help="comma-separated sequence lengths (default: %(default)s)",
+    )
     parser.add_argument("--repeats", type=int, default=5, help="timed runs per configuration")
     parser.add_argument("--warmup", type=int, default=1, help="untimed runs per configuration")
     parser.add_argument("--batch", type=int, default=1, help="batch size")
-    parser.add_argument("--json", action="store_true",
-                        help="print all measurements as one JSON document on the last line")
-    parser.add_argument("--quick", action="store_true",
-                        help="smoke test: lengths 64,128 and 1 repeat")
+    parser.add_argument(
+        "--json",
+        action="store_true",
+        help="print all measurements as one JSON document on the last line",
+    )
+    parser.add_argument(
+        "--quick", action="store_true", help="smoke test: lengths 64,128 and 1 repeat"
+    )
     args = parser.parse_args()
     if args.quick:
         args.lengths, args.repeats = "64,128", 1
@@ -294,14 +312,20 @@ def parse_args() -> argparse.Namespace:
 def main() -> None:
     args = parse_args()
     torch.manual_seed(0)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch {args.batch}, "
-          f"{args.repeats} repeats, {args.warmup} warmup")
-    print(f"ssd: sequential (baseline) vs chunked (fast); heads={SSD_HEADS} p={SSD_HEAD_DIM} "
-          f"groups={SSD_GROUPS} n={SSD_STATE}; sequential timed with "
-          f"{SEQUENTIAL_LONG_REPEATS} repeat(s) from L={SEQUENTIAL_LONG_FROM}")
-    print(f"attn: reference (baseline) vs chunked (fast); heads={ATTN_HEADS} "
-          f"kv_heads={ATTN_KV_HEADS} dh={ATTN_HEAD_DIM} chunk={ATTN_CHUNK}; W window, "
-          f"F fading span, M memory slots per chunk")
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch {args.batch}, "
+        f"{args.repeats} repeats, {args.warmup} warmup"
+    )
+    print(
+        f"ssd: sequential (baseline) vs chunked (fast); heads={SSD_HEADS} p={SSD_HEAD_DIM} "
+        f"groups={SSD_GROUPS} n={SSD_STATE}; sequential timed with "
+        f"{SEQUENTIAL_LONG_REPEATS} repeat(s), no warmup, from L={SEQUENTIAL_LONG_FROM}"
+    )
+    print(
+        f"attn: reference (baseline) vs chunked (fast); heads={ATTN_HEADS} "
+        f"kv_heads={ATTN_KV_HEADS} dh={ATTN_HEAD_DIM} chunk={ATTN_CHUNK}; W window, "
+        f"F fading span, M memory slots per chunk"
+    )
     print("times in ms: median [min-max]; ratio = baseline median / fast median\n")
     print(ROW_FORMAT.format("op", "mode", "L", "baseline ms", "fast ms", "ratio", "repeats"))
     results = []

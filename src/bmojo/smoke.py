@@ -75,7 +75,8 @@ def smoke_all(steps: int = 30, batch: int = 4, seq_len: int = 96, decode_tokens:
 
 
 def format_table(results: list[SmokeResult]) -> str:
-    header = f"{'arch':<12} {'params':>8} {'state bytes':>12} {'loss first':>10} {'loss last':>10} {'decode ms/tok':>13}"
+    header = (f"{'arch':<12} {'params':>8} {'state bytes':>12} {'loss first':>10} {'loss last':>10} "
+              f"{'decode ms/tok':>13}")
     rows = [header, "-" * len(header)]
     for r in results:
         rows.append(f"{r.arch:<12} {r.params:>8,} {r.state_bytes:>12,} {r.first_loss:>10.3f} {r.last_loss:>10.3f} "

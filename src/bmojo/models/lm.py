@@ -138,7 +138,7 @@ class LanguageModel(nn.Module):
         h = self.embed(tokens)
         aux = h.new_zeros((), dtype=torch.float32)
         layer_caches = cache.layers if cache is not None else [None] * len(self.blocks)
-        for block, layer_cache in zip(self.blocks, layer_caches):
+        for block, layer_cache in zip(self.blocks, layer_caches, strict=True):
             h, layer_aux = block(h, layer_cache)
             if layer_aux is not None:
                 aux = aux + layer_aux
@@ -149,7 +149,7 @@ class LanguageModel(nn.Module):
     def step(self, token: Tensor, cache: ModelCache) -> Tensor:
         """Decode one token per sequence, ``token [B]`` -> logits ``[B, V]``."""
         h = self.embed(token)
-        for block, layer_cache in zip(self.blocks, cache.layers):
+        for block, layer_cache in zip(self.blocks, cache.layers, strict=True):
             h = block.step(h, layer_cache, cache.position)
         cache.position += 1
         return self.lm_head(self.norm(h))
