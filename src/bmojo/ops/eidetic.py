@@ -113,6 +113,8 @@ def eidetic_memory_sequential(
     ``sel_* [b, nc, k]`` -> ``(mem_pos, mem_score)`` of shape ``[b, nc + 1, M]``; entry ``c``
     is the memory after chunks ``0 .. c-1`` completed (what chunk ``c`` sees).
     """
+    if policy not in POLICIES:
+        raise ValueError(f"eidetic policy must be one of {POLICIES}, got {policy!r}")
     b, nc, _ = sel_pos.shape
     pos, score = empty_memory(b, capacity, sel_pos.device)
     out_pos, out_score = [pos], [score]
@@ -134,6 +136,8 @@ def eidetic_memory_per_chunk(
     window over chunks). ``"score"``: chunk ``c`` sees the ``M`` best ranked selections of
     chunks ``< c`` (all chunks at once, ``O(nc² k)`` memory, fine for ``nc`` in the hundreds).
     """
+    if policy not in POLICIES:
+        raise ValueError(f"eidetic policy must be one of {POLICIES}, got {policy!r}")
     b, nc, k = sel_pos.shape
     if capacity == 0:
         return sel_pos.new_full((b, nc + 1, 0), -1), sel_score.new_full((b, nc + 1, 0), float("-inf"))
@@ -143,17 +147,16 @@ def eidetic_memory_per_chunk(
         score = torch.cat([sel_score.new_full((b, history, k), float("-inf")), sel_score], 1)
         windows = torch.arange(nc + 1, device=sel_pos.device)[:, None] + torch.arange(history, device=sel_pos.device)
         return pos[:, windows].reshape(b, nc + 1, capacity), score[:, windows].reshape(b, nc + 1, capacity)
-    if policy == "score":
-        flat_pos = sel_pos.reshape(b, 1, nc * k)
-        flat_score = sel_score.reshape(b, 1, nc * k)
-        entry_chunk = torch.arange(nc, device=sel_pos.device).repeat_interleave(k)  # [nc*k]
-        seen = entry_chunk[None, :] < torch.arange(nc + 1, device=sel_pos.device)[:, None]  # [nc+1, nc*k]
-        pos = torch.where(seen, flat_pos, -1)  # [b, nc+1, nc*k]
-        score = torch.where(seen, flat_score, float("-inf"))
-        if nc * k < capacity:
-            pad = capacity - nc * k
-            pos = torch.cat([pos, pos.new_full((b, nc + 1, pad), -1)], -1)
-            score = torch.cat([score, score.new_full((b, nc + 1, pad), float("-inf"))], -1)
-        order = rank_order(score, pos)[..., :capacity]
-        return pos.gather(-1, order), score.gather(-1, order)
-    raise ValueError(f"eidetic policy must be one of {POLICIES}, got {policy!r}")
+    # policy == "score"
+    flat_pos = sel_pos.reshape(b, 1, nc * k)
+    flat_score = sel_score.reshape(b, 1, nc * k)
+    entry_chunk = torch.arange(nc, device=sel_pos.device).repeat_interleave(k)  # [nc*k]
+    seen = entry_chunk[None, :] < torch.arange(nc + 1, device=sel_pos.device)[:, None]  # [nc+1, nc*k]
+    pos = torch.where(seen, flat_pos, -1)  # [b, nc+1, nc*k]
+    score = torch.where(seen, flat_score, float("-inf"))
+    if nc * k < capacity:
+        pad = capacity - nc * k
+        pos = torch.cat([pos, pos.new_full((b, nc + 1, pad), -1)], -1)
+        score = torch.cat([score, score.new_full((b, nc + 1, pad), float("-inf"))], -1)
+    order = rank_order(score, pos)[..., :capacity]
+    return pos.gather(-1, order), score.gather(-1, order)

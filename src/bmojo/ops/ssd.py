@@ -12,8 +12,9 @@ Three functions compute it:
 - :func:`ssd_chunked`: the fast path, the chunked SSD algorithm (quadratic attention-like
   form inside chunks of ``chunk_size`` positions, a linear recurrence over chunk states).
 
-Whatever the input dtype, all accumulation happens in float32 (DESIGN.md §8.5); outputs
-are returned in the dtype of ``x`` and states in float32.
+Whatever the input dtype, all accumulation happens in float32 or wider (float64 inputs are
+computed in float64) (DESIGN.md §8.5); outputs are returned in the dtype of ``x`` and states
+in the accumulation dtype.
 
 Shapes: ``x [b, l, h, p]``, ``dt [b, l, h]`` (already positive), ``A [h]`` (negative),
 ``B, C [b, l, g, n]`` with ``h % g == 0`` (head ``i`` reads group ``i // (h // g)``),
@@ -41,6 +42,11 @@ def _check_shapes(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor) -> Non
         raise ValueError(f"number of heads {h} must be a multiple of number of groups {B.shape[2]}")
 
 
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float32 for half-precision inputs, the input dtype when it is wider."""
+    return torch.promote_types(dtype, torch.float32)
+
+
 def _heads_from_groups(t: Tensor, nheads: int) -> Tensor:
     """[..., g, n] -> [..., h, n]: head i reads group i // (h // g)."""
     return t.repeat_interleave(nheads // t.shape[-2], dim=-2)
@@ -56,16 +62,17 @@ def ssd_step(
     D: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """One step of the recurrence. ``x [b, h, p]``, ``dt [b, h]``, ``B, C [b, g, n]``,
-    ``state [b, h, p, n]`` (float32). Returns ``(y [b, h, p], new_state [b, h, p, n])``."""
+    ``state [b, h, p, n]``. Returns ``(y [b, h, p], new_state [b, h, p, n])``."""
     h = x.shape[1]
-    xf, dtf = x.float(), dt.float()
-    Bh = _heads_from_groups(B.float(), h)  # [b, h, n]
-    Ch = _heads_from_groups(C.float(), h)  # [b, h, n]
-    decay = torch.exp(dtf * A.float())  # [b, h]
-    new_state = decay[..., None, None] * state.float() + (dtf[..., None] * xf)[..., None] * Bh[:, :, None, :]
+    acc = accumulation_dtype(x.dtype)
+    xf, dtf = x.to(acc), dt.to(acc)
+    Bh = _heads_from_groups(B.to(acc), h)  # [b, h, n]
+    Ch = _heads_from_groups(C.to(acc), h)  # [b, h, n]
+    decay = torch.exp(dtf * A.to(acc))  # [b, h]
+    new_state = decay[..., None, None] * state.to(acc) + (dtf[..., None] * xf)[..., None] * Bh[:, :, None, :]
     y = torch.einsum("bhpn,bhn->bhp", new_state, Ch)
     if D is not None:
-        y = y + D.float()[:, None] * xf
+        y = y + D.to(acc)[:, None] * xf
     return y.to(x.dtype), new_state
 
 
@@ -83,7 +90,8 @@ def ssd_sequential(
     _check_shapes(x, dt, A, B, C)
     b, l, h, p = x.shape
     n = B.shape[-1]
-    state = x.new_zeros(b, h, p, n, dtype=torch.float32) if initial_state is None else initial_state.float()
+    acc = accumulation_dtype(x.dtype)
+    state = x.new_zeros(b, h, p, n, dtype=acc) if initial_state is None else initial_state.to(acc)
     ys = []
     for t in range(l):
         y, state = ssd_step(x[:, t], dt[:, t], A, B[:, t], C[:, t], state, D)
@@ -132,7 +140,8 @@ def ssd_chunked(
     out_dtype = x.dtype
     Q = chunk_size
     pad = (-l) % Q
-    xf, dtf, Bf, Cf = x.float(), dt.float(), B.float(), C.float()
+    acc = accumulation_dtype(x.dtype)
+    xf, dtf, Bf, Cf = x.to(acc), dt.to(acc), B.to(acc), C.to(acc)
     if pad:
         xf = F.pad(xf, (0, 0, 0, 0, 0, pad))
         dtf = F.pad(dtf, (0, 0, 0, pad))
@@ -142,7 +151,7 @@ def ssd_chunked(
     Bh = _heads_from_groups(Bf, h).view(b, nc, Q, h, n)
     Ch = _heads_from_groups(Cf, h).view(b, nc, Q, h, n)
     x_dt = (xf * dtf[..., None]).view(b, nc, Q, h, p)  # [b, c, Q, h, p]
-    a = (dtf * A.float()).view(b, nc, Q, h).permute(0, 3, 1, 2)  # [b, h, c, Q]
+    a = (dtf * A.to(acc)).view(b, nc, Q, h).permute(0, 3, 1, 2)  # [b, h, c, Q]
     a_cumsum = torch.cumsum(a, dim=-1)  # [b, h, c, Q]
 
     # 1. Within each chunk: y_i += sum_{j <= i} (C_i · B_j) exp(a_{j+1} + ... + a_i) dt_j x_j.
@@ -157,7 +166,7 @@ def ssd_chunked(
     # 3. Recurrence over chunks: the state entering each chunk, and the final state.
     if initial_state is None:
         initial_state = chunk_states.new_zeros(b, h, p, n)
-    states = torch.cat([initial_state.float()[:, None], chunk_states], dim=1)  # [b, c+1, h, p, n]
+    states = torch.cat([initial_state.to(acc)[:, None], chunk_states], dim=1)  # [b, c+1, h, p, n]
     chunk_decay = a_cumsum[..., -1]  # [b, h, c]
     decay_chunks = torch.exp(segment_sum(F.pad(chunk_decay, (1, 0))))  # [b, h, c+1, c+1]
     states = torch.einsum("bhzc,bchpn->bzhpn", decay_chunks, states)  # [b, c+1, h, p, n]
@@ -169,5 +178,5 @@ def ssd_chunked(
 
     y = y.reshape(b, nc * Q, h, p)[:, :l]
     if D is not None:
-        y = y + D.float()[:, None] * x.float()
+        y = y + D.to(acc)[:, None] * xf[:, :l]
     return y.to(out_dtype), final_state
