@@ -117,7 +117,9 @@ class BMojoMixer(Attention):
                 self.predictor = nn.Sequential(nn.Linear(d_model, innovation_rank, bias=False),
                                                nn.Linear(innovation_rank, d_model, bias=False))
             else:
-                self.predictor = nn.Linear(d_model, d_model, bias=False)
+                self.predictor = nn.Sequential(nn.Linear(d_model, d_model, bias=False))
+            for layer in self.predictor:
+                nn.init.zeros_(layer.weight)
 
     @property
     def has_memory(self) -> bool:
@@ -144,10 +146,13 @@ class BMojoMixer(Attention):
         return k_rot if self.eidetic_rope == "absolute" else k
 
     def _innovation(self, x: Tensor, f_prev: Tensor) -> Tensor:
-        """``s_t`` from ``x_t`` and ``f_{t-1}`` (float32, outside autocast). Gradients reach
-        only Φ: both inputs are detached (DESIGN.md §4)."""
+        """``s_t`` from ``x_t`` and ``f_{t-1}``, in float32 whatever the weights' dtype and
+        autocast, so prefill and decoding rank tokens alike. Gradients reach only Φ: both
+        inputs are detached (DESIGN.md §4)."""
         with torch.autocast(x.device.type, enabled=False):
-            x_hat = self.predictor(f_prev.detach().float())
+            x_hat = f_prev.detach().float()
+            for layer in self.predictor:
+                x_hat = F.linear(x_hat, layer.weight.float())
             return innovation_scores(x.detach(), x_hat)
 
     def _selection_scores(self, x: Tensor, f_prev: Tensor, positions: Tensor) -> tuple[Tensor, Tensor]:
