@@ -1,0 +1,270 @@
+"""One trainer for every task: AdamW with decay groups, warmup + cosine, gradient clipping,
+bf16 autocast, gradient accumulation, the innovation auxiliary loss, early stop at a target
+accuracy, JSON-lines metrics, atomic checkpoints and exact resume.
+
+Data come from a function ``batches(step, micro_step) -> Batch`` that must be a pure
+function of its arguments (e.g. seeded by them): that is what makes a resumed run see the
+very batches the uninterrupted run would have seen.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from tqdm import tqdm
+
+from bmojo.models.lm import LanguageModel
+from bmojo.training.checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
+from bmojo.training.schedule import lr_at
+
+IGNORE_INDEX = -100
+CHECKPOINT_DIR = "checkpoint"
+METRICS_FILE = "metrics.jsonl"
+PRECISIONS = ("bf16", "fp32")
+
+
+@dataclass
+class Batch:
+    inputs: Tensor  # [B, L] token ids
+    labels: Tensor  # [B, L] target ids, IGNORE_INDEX where there is nothing to predict
+
+
+@dataclass
+class TrainConfig:
+    lr: float = 1e-3
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    warmup_steps: int = 100
+    max_steps: int = 2000
+    min_lr_ratio: float = 0.1
+    grad_clip: float = 1.0
+    batch_size: int = 32
+    grad_accum: int = 1
+    precision: str = "bf16"
+    aux_loss_weight: float = 1.0
+    eval_every: int = 200
+    log_every: int = 10
+    checkpoint_every: int = 200
+    target_accuracy: float | None = None
+    max_nonfinite: int = 5
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        checks = [
+            ("lr", self.lr > 0, "> 0"), ("weight_decay", self.weight_decay >= 0, ">= 0"),
+            ("beta1", 0 <= self.beta1 < 1, "in [0, 1)"), ("beta2", 0 <= self.beta2 < 1, "in [0, 1)"),
+            ("warmup_steps", self.warmup_steps >= 0, ">= 0"), ("max_steps", self.max_steps >= 1, ">= 1"),
+            ("min_lr_ratio", 0 <= self.min_lr_ratio <= 1, "in [0, 1]"), ("grad_clip", self.grad_clip > 0, "> 0"),
+            ("batch_size", self.batch_size >= 1, ">= 1"), ("grad_accum", self.grad_accum >= 1, ">= 1"),
+            ("precision", self.precision in PRECISIONS, f"one of {PRECISIONS}"),
+            ("aux_loss_weight", self.aux_loss_weight >= 0, ">= 0"), ("eval_every", self.eval_every >= 1, ">= 1"),
+            ("log_every", self.log_every >= 1, ">= 1"), ("checkpoint_every", self.checkpoint_every >= 1, ">= 1"),
+            ("max_nonfinite", self.max_nonfinite >= 1, ">= 1"),
+            ("target_accuracy", self.target_accuracy is None or 0 < self.target_accuracy <= 1, "None or in (0, 1]"),
+        ]
+        for name, ok, allowed in checks:
+            if not ok:
+                raise ValueError(f"{name}={getattr(self, name)!r} is invalid: must be {allowed}")
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown TrainConfig fields {unknown}")
+        return cls(**data)
+
+
+class TrainingDiverged(RuntimeError):
+    """Too many non-finite losses in a row."""
+
+
+@dataclass
+class TrainResult:
+    steps: int
+    train_loss: float
+    train_accuracy: float
+    eval_metrics: dict[str, float]
+    stopped_early: bool
+    elapsed_s: float
+
+
+def loss_and_accuracy(logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Cross-entropy over labelled positions; returns ``(mean loss, correct, labelled)``."""
+    mask = labels != IGNORE_INDEX
+    loss = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX)
+    correct = ((logits.argmax(-1) == labels) & mask).sum()
+    return loss, correct, mask.sum()
+
+
+class Trainer:
+    """Trains ``model`` on ``batches``; writes ``out_dir/metrics.jsonl``,
+    ``out_dir/checkpoint/`` (resumable) and, at the end, the model itself in ``out_dir``."""
+
+    def __init__(
+        self,
+        model: LanguageModel,
+        config: TrainConfig,
+        batches: Callable[[int, int], Batch],
+        out_dir: str | Path,
+        evaluate: Callable[[LanguageModel], dict[str, float]] | None = None,
+        device: str | torch.device | None = None,
+        progress: bool = True,
+    ):
+        self.device = torch.device(device) if device is not None else next(model.parameters()).device
+        self.model = model.to(self.device)
+        self.config = config
+        self.batches = batches
+        self.evaluate = evaluate
+        self.out_dir = Path(out_dir)
+        self.progress = progress
+        self.optimizer = torch.optim.AdamW(model.optimizer_param_groups(config.weight_decay), lr=config.lr,
+                                           betas=(config.beta1, config.beta2))
+        self.step = 0
+        self.nonfinite_streak = 0
+        self.elapsed_s = 0.0
+        self.eval_metrics: dict[str, float] = {}
+
+    @property
+    def checkpoint_path(self) -> Path:
+        return self.out_dir / CHECKPOINT_DIR
+
+    def _log(self, record: dict[str, Any]) -> None:
+        with open(self.out_dir / METRICS_FILE, "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def _truncate_metrics(self) -> None:
+        """Drop records logged after the checkpoint being resumed (they will be redone)."""
+        path = self.out_dir / METRICS_FILE
+        if path.exists():
+            kept = [line for line in path.read_text().splitlines() if json.loads(line).get("step", 0) <= self.step]
+            path.write_text("".join(line + "\n" for line in kept))
+
+    def _state(self) -> dict[str, Any]:
+        return {"step": self.step, "nonfinite_streak": self.nonfinite_streak, "elapsed_s": self.elapsed_s,
+                "eval_metrics": self.eval_metrics, "train_config": asdict(self.config),
+                "torch_rng": torch.get_rng_state().tolist()}
+
+    def save(self) -> None:
+        save_checkpoint(self.checkpoint_path, self.model, self.optimizer, self._state())
+
+    def resume(self) -> None:
+        """Continue from ``out_dir/checkpoint`` exactly where it stopped."""
+        if find_checkpoint(self.checkpoint_path) is None:
+            raise FileNotFoundError(f"--resume: no checkpoint in {self.out_dir} to resume from")
+        state = load_checkpoint(self.checkpoint_path, self.model, self.optimizer)
+        self.step = state["step"]
+        self.nonfinite_streak = state["nonfinite_streak"]
+        self.elapsed_s = state["elapsed_s"]
+        self.eval_metrics = state["eval_metrics"]
+        torch.set_rng_state(torch.tensor(state["torch_rng"], dtype=torch.uint8))
+        self._truncate_metrics()
+
+    def _autocast(self):
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.config.precision == "bf16")
+
+    def train_step(self) -> dict[str, float] | None:
+        """One optimizer step over ``grad_accum`` micro-batches. Returns its metrics, or
+        ``None`` when the loss or gradients were not finite and the step was skipped."""
+        cfg = self.config
+        lr = lr_at(self.step, cfg.lr, cfg.warmup_steps, cfg.max_steps, cfg.min_lr_ratio)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.model.train()
+        total_loss = total_aux = 0.0
+        correct = labelled = tokens = 0
+        finite = True
+        for micro in range(cfg.grad_accum):
+            batch = self.batches(self.step, micro)
+            inputs, labels = batch.inputs.to(self.device), batch.labels.to(self.device)
+            with self._autocast():
+                out = self.model(inputs)
+            loss, n_correct, n_labelled = loss_and_accuracy(out.logits, labels)
+            objective = (loss + cfg.aux_loss_weight * out.aux_loss) / cfg.grad_accum
+            if not torch.isfinite(objective):
+                finite = False
+                break
+            objective.backward()
+            total_loss += loss.item() / cfg.grad_accum
+            total_aux += out.aux_loss.item() / cfg.grad_accum
+            correct += int(n_correct)
+            labelled += int(n_labelled)
+            tokens += inputs.numel()
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip) if finite else None
+        if not finite or not torch.isfinite(grad_norm):
+            self.optimizer.zero_grad(set_to_none=True)
+            return None
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return {"loss": total_loss, "aux_loss": total_aux, "accuracy": correct / max(labelled, 1), "lr": lr,
+                "grad_norm": float(grad_norm), "tokens": tokens}
+
+    def _run_eval(self) -> None:
+        if self.evaluate is None:
+            return
+        self.model.eval()
+        with torch.no_grad():
+            self.eval_metrics = {k: float(v) for k, v in self.evaluate(self.model).items()}
+        self._log({"step": self.step, **{f"eval_{k}": v for k, v in self.eval_metrics.items()}})
+
+    def _target_reached(self) -> bool:
+        target = self.config.target_accuracy
+        return target is not None and self.eval_metrics.get("accuracy", 0.0) >= target
+
+    def fit(self, resume: bool = False) -> TrainResult:
+        cfg = self.config
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        if resume:
+            self.resume()
+        last: dict[str, float] = {"loss": math.nan, "accuracy": math.nan}
+        stopped_early = False
+        bar = tqdm(total=cfg.max_steps, initial=self.step, disable=not self.progress, unit="step",
+                   dynamic_ncols=True)
+        window_tokens, window_start = 0, time.perf_counter()
+        while self.step < cfg.max_steps:
+            started = time.perf_counter()
+            metrics = self.train_step()
+            self.elapsed_s += time.perf_counter() - started
+            self.step += 1
+            bar.update(1)
+            if metrics is None:  # the step's batch is skipped; the weights are untouched
+                self.nonfinite_streak += 1
+                self._log({"step": self.step, "event": "nonfinite_loss_skipped", "streak": self.nonfinite_streak})
+                if self.nonfinite_streak >= cfg.max_nonfinite:
+                    bar.close()
+                    raise TrainingDiverged(
+                        f"{self.nonfinite_streak} non-finite losses in a row at step {self.step}; stopping. "
+                        f"The last good checkpoint is {self.checkpoint_path} (lower the learning rate?)")
+                continue
+            self.nonfinite_streak = 0
+            last = metrics
+            window_tokens += metrics["tokens"]
+            if self.step % cfg.log_every == 0 or self.step == cfg.max_steps:
+                tokens_per_s = window_tokens / max(time.perf_counter() - window_start, 1e-9)
+                window_tokens, window_start = 0, time.perf_counter()
+                self._log({"step": self.step, **{k: v for k, v in metrics.items() if k != "tokens"},
+                           "tokens_per_s": tokens_per_s, "elapsed_s": self.elapsed_s})
+                bar.set_postfix(loss=f"{metrics['loss']:.3f}", acc=f"{metrics['accuracy']:.3f}",
+                                tok_s=f"{tokens_per_s:,.0f}")
+            if self.step % cfg.eval_every == 0 or self.step == cfg.max_steps:
+                self._run_eval()
+                if self._target_reached():
+                    stopped_early = self.step < cfg.max_steps
+                    break
+            if self.step % cfg.checkpoint_every == 0:
+                self.save()
+        bar.close()
+        self.save()
+        self.model.save_pretrained(self.out_dir)
+        return TrainResult(self.step, last["loss"], last["accuracy"], self.eval_metrics, stopped_early,
+                           self.elapsed_s)
