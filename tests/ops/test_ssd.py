@@ -166,6 +166,19 @@ def test_bf16_inputs(fn):
     torch.testing.assert_close(y.float(), y32, atol=2e-2, rtol=1e-2)
 
 
+@pytest.mark.parametrize("fn", ["chunked", "sequential"])
+def test_autocast_does_not_lower_the_precision(fn):
+    """DESIGN.md §8.5: under bf16 autocast the scan still runs in float32."""
+    inputs = make_inputs(100, 2, seed=23)
+    run = (lambda: ssd_chunked(**inputs, chunk_size=16)) if fn == "chunked" else (lambda: ssd_sequential(**inputs))
+    y32, s32 = run()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y, s = run()
+    assert y.dtype == torch.float32 and s.dtype == torch.float32
+    torch.testing.assert_close(y, y32, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(s, s32, atol=1e-6, rtol=1e-6)
+
+
 def test_bf16_close_to_fp32_inputs():
     """bf16 inputs give a result close to the fp32 computation on the unrounded inputs."""
     inputs = make_inputs(63, 2, seed=22)

@@ -12,9 +12,9 @@ Three functions compute it:
 - :func:`ssd_chunked`: the fast path, the chunked SSD algorithm (quadratic attention-like
   form inside chunks of ``chunk_size`` positions, a linear recurrence over chunk states).
 
-Whatever the input dtype, all accumulation happens in float32 or wider (float64 inputs are
-computed in float64) (DESIGN.md §8.5); outputs are returned in the dtype of ``x`` and states
-in the accumulation dtype.
+Whatever the input dtype, and with autocast disabled inside, all computation happens in
+float32 or wider (float64 inputs are computed in float64) (DESIGN.md §8.5); outputs are
+returned in the dtype of ``x`` and states in the accumulation dtype.
 
 Shapes: ``x [b, l, h, p]``, ``dt [b, l, h]`` (already positive), ``A [h]`` (negative),
 ``B, C [b, l, g, n]`` with ``h % g == 0`` (head ``i`` reads group ``i // (h // g)``),
@@ -22,6 +22,8 @@ Shapes: ``x [b, l, h, p]``, ``dt [b, l, h]`` (already positive), ``A [h]`` (nega
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 import torch.nn.functional as F
@@ -42,6 +44,17 @@ def _check_shapes(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor) -> Non
         raise ValueError(f"number of heads {h} must be a multiple of number of groups {B.shape[2]}")
 
 
+def _without_autocast(fn):
+    """Run ``fn(x, ...)`` with autocast off, so its matmuls stay in the accumulation dtype."""
+
+    @functools.wraps(fn)
+    def wrapper(x: Tensor, *args, **kwargs):
+        with torch.autocast(x.device.type, enabled=False):
+            return fn(x, *args, **kwargs)
+
+    return wrapper
+
+
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     """float32 for half-precision inputs, the input dtype when it is wider."""
     return torch.promote_types(dtype, torch.float32)
@@ -52,6 +65,7 @@ def _heads_from_groups(t: Tensor, nheads: int) -> Tensor:
     return t.repeat_interleave(nheads // t.shape[-2], dim=-2)
 
 
+@_without_autocast
 def ssd_step(
     x: Tensor,
     dt: Tensor,
@@ -76,6 +90,7 @@ def ssd_step(
     return y.to(x.dtype), new_state
 
 
+@_without_autocast
 def ssd_sequential(
     x: Tensor,
     dt: Tensor,
@@ -116,6 +131,7 @@ def segment_sum(a: Tensor) -> Tensor:
     return out.masked_fill(~lower, float("-inf"))
 
 
+@_without_autocast
 def ssd_chunked(
     x: Tensor,
     dt: Tensor,
@@ -163,14 +179,14 @@ def ssd_chunked(
     decay_to_end = torch.exp(a_cumsum[..., -1:] - a_cumsum)  # [b, h, c, Q]
     chunk_states = torch.einsum("bcjhn,bhcj,bcjhp->bchpn", Bh, decay_to_end, x_dt)
 
-    # 3. Recurrence over chunks: the state entering each chunk, and the final state.
-    if initial_state is None:
-        initial_state = chunk_states.new_zeros(b, h, p, n)
-    states = torch.cat([initial_state.to(acc)[:, None], chunk_states], dim=1)  # [b, c+1, h, p, n]
-    chunk_decay = a_cumsum[..., -1]  # [b, h, c]
-    decay_chunks = torch.exp(segment_sum(F.pad(chunk_decay, (1, 0))))  # [b, h, c+1, c+1]
-    states = torch.einsum("bhzc,bchpn->bzhpn", decay_chunks, states)  # [b, c+1, h, p, n]
-    entering_states, final_state = states[:, :-1], states[:, -1]
+    # 3. Recurrence over chunks, O(c): the state entering each chunk, and the final state.
+    chunk_decay = torch.exp(a_cumsum[..., -1])  # [b, h, c]: decay across a whole chunk
+    state = chunk_states.new_zeros(b, h, p, n) if initial_state is None else initial_state.to(acc)
+    entering = []
+    for c in range(nc):
+        entering.append(state)
+        state = chunk_decay[:, :, c, None, None] * state + chunk_states[:, c]
+    entering_states, final_state = torch.stack(entering, dim=1), state  # [b, c, h, p, n], [b, h, p, n]
 
     # 4. Contribution of the entering state to each position of the chunk.
     decay_from_start = torch.exp(a_cumsum)  # [b, h, c, Q]
