@@ -123,7 +123,11 @@ class ModelConfig:
         require(isinstance(self.layer_pattern, str) and len(self.layer_pattern) > 0
                 and all(c in LAYER_KINDS for c in self.layer_pattern), "layer_pattern",
                 f"must be a non-empty string of layer letters {LAYER_KINDS}")
-        require(self.mlp_ratio >= 0, "mlp_ratio", "must be >= 0 (0 removes the MLP)")
+        def number(value) -> bool:
+            return isinstance(value, int | float) and not isinstance(value, bool)
+
+        require(number(self.mlp_ratio) and self.mlp_ratio >= 0, "mlp_ratio",
+                "must be a number >= 0 (0 removes the MLP)")
         require(self.norm_eps > 0, "norm_eps", "must be > 0")
         kinds = set(self.layer_pattern)
         if kinds & set("AWFB"):
@@ -151,6 +155,8 @@ class ModelConfig:
             require(self.selection in SELECTIONS, "selection", f"must be one of {SELECTIONS}")
             require(self.eidetic_rope in EIDETIC_ROPE_MODES, "eidetic_rope",
                     f"must be one of {EIDETIC_ROPE_MODES}")
+            require(self.innovation_threshold is None or number(self.innovation_threshold), "innovation_threshold",
+                    "must be a number or None")
             require(isinstance(self.innovation_rank, int) and self.innovation_rank >= 0, "innovation_rank",
                     "must be an integer >= 0 (0: full rank)")
         if kinds & set("SFB"):

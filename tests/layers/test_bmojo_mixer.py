@@ -681,3 +681,19 @@ def test_predictor_starts_at_zero(rank: int) -> None:
     x = make_input()
     _, aux = mixer.forward_with_aux(x)
     torch.testing.assert_close(aux, x.pow(2).mean(), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("overrides, field", [
+    (dict(eidetic_capacity=8, eidetic_per_chunk=0), "eidetic_per_chunk"),
+    (dict(eidetic_capacity=6, eidetic_per_chunk=4), "eidetic_capacity"),
+    (dict(eidetic_capacity=8, eidetic_per_chunk=2, eidetic_policy="lru"), "eidetic_policy"),
+    (dict(selection="best"), "selection"),
+    (dict(eidetic_rope="relative"), "eidetic_rope"),
+    (dict(window=0), "window"),
+    (dict(fading_span=-1), "fading_span"),
+    (dict(chunk_size=0), "chunk_size"),
+])
+def test_invalid_arguments_name_the_field(overrides, field) -> None:
+    kwargs = {**dict(window=4, fading_span=3, chunk_size=4, d_state=8, ssm_headdim=16), **overrides}
+    with pytest.raises(ValueError, match=field):
+        BMojoMixer(D_MODEL, H, H, **kwargs)

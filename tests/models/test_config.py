@@ -72,6 +72,8 @@ def test_unused_fields_are_ignored():
         ("bmojo", {"vocab_size": 0}, "vocab_size"),
         ("bmojo", {"mlp_ratio": -1.0}, "mlp_ratio"),
         ("mamba2", {"d_state": 0}, "d_state"),
+        ("bmojo", {"innovation_threshold": "high"}, "innovation_threshold"),
+        ("bmojo", {"mlp_ratio": "2"}, "mlp_ratio"),
     ],
 )
 def test_invalid_values_name_the_field(preset, overrides, field):

@@ -253,3 +253,45 @@ def test_no_weight_decay_on_ssm_scalars_norms_and_biases():
         expected_no_decay = name.endswith(("A_log", "D", "dt_bias", "bias")) or "norm" in name
         assert (id(p) in no_decay_ids) == expected_no_decay, name
     assert no_decay["weight_decay"] == 0.0 and decay["weight_decay"] == 0.1
+
+
+def test_checkpoint_keeps_the_saved_dtype(tmp_path):
+    model = tiny_model("bmojo").to(torch.bfloat16)
+    model.save_pretrained(tmp_path)
+    loaded = LanguageModel.from_pretrained(tmp_path)
+    assert all(p.dtype == torch.bfloat16 for p in loaded.parameters())
+    for key, value in loaded.state_dict().items():
+        assert torch.equal(value, model.state_dict()[key]), key
+
+
+def test_corrupt_checkpoint_files_give_clear_errors(tmp_path):
+    model = tiny_model("swa")
+    model.save_pretrained(tmp_path)
+    (tmp_path / "model.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(ValueError, match="model.safetensors .*corrupt"):
+        LanguageModel.from_pretrained(tmp_path)
+    (tmp_path / "config.json").write_text("{")
+    with pytest.raises(ValueError, match="config.json is not a valid bmojo config"):
+        LanguageModel.from_pretrained(tmp_path)
+
+
+@pytest.mark.parametrize("name", list(PRESETS))
+def test_cache_never_holds_an_autograd_graph(name):
+    """Decoding with gradients enabled must not chain graphs through the cache (it would grow
+    with every token and keep the prefill's activations alive)."""
+    model = tiny_model(name)
+    cache = model.new_cache(2)
+    model(tokens(length=9), cache).logits.sum().backward()
+    for t in range(5):
+        model(torch.tensor([[t], [t + 1]]), cache)
+
+    def tensors(obj):
+        if isinstance(obj, torch.Tensor):
+            yield obj
+        elif hasattr(obj, "__dataclass_fields__"):
+            for field in obj.__dataclass_fields__:
+                yield from tensors(getattr(obj, field))
+
+    for layer in cache.layers:
+        for tensor in tensors(layer):
+            assert not tensor.requires_grad and tensor.grad_fn is None

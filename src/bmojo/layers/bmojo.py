@@ -20,6 +20,8 @@ from bmojo.layers.kv_buffer import KVBuffer
 from bmojo.layers.mamba2 import Mamba2Cache, Mamba2Mixer
 from bmojo.ops.attention import union_attention_chunked, union_attention_step
 from bmojo.ops.eidetic import (
+    POLICIES,
+    SELECTIONS,
     eidetic_memory_per_chunk,
     eidetic_memory_update,
     empty_memory,
@@ -89,12 +91,24 @@ class BMojoMixer(Attention):
         ssm_headdim: int = 64,
         ssm_ngroups: int = 1,
     ):
-        super().__init__(d_model, n_heads, n_kv_heads, window, qk_norm, rope_theta, chunk_size, norm_eps)
-        if eidetic_rope not in EIDETIC_ROPE_MODES:
-            raise ValueError(f"eidetic_rope must be one of {EIDETIC_ROPE_MODES}, got {eidetic_rope!r}")
-        if eidetic_capacity and eidetic_capacity % eidetic_per_chunk != 0:
-            raise ValueError(f"eidetic_capacity {eidetic_capacity} must be a multiple of eidetic_per_chunk "
-                             f"{eidetic_per_chunk}")
+        checks = [
+            ("window", isinstance(window, int) and window >= 1, "an integer >= 1"),
+            ("fading_span", fading_span >= 0, ">= 0"),
+            ("chunk_size", chunk_size >= 1, ">= 1"),
+            ("eidetic_capacity", eidetic_capacity >= 0, ">= 0"),
+            ("eidetic_per_chunk", eidetic_capacity == 0 or 1 <= eidetic_per_chunk <= chunk_size,
+             f"in [1, chunk_size={chunk_size}] when the layer has memory"),
+            ("eidetic_capacity", eidetic_capacity == 0 or eidetic_capacity % max(eidetic_per_chunk, 1) == 0,
+             f"a multiple of eidetic_per_chunk={eidetic_per_chunk}"),
+            ("eidetic_policy", eidetic_policy in POLICIES, f"one of {POLICIES}"),
+            ("selection", selection in SELECTIONS, f"one of {SELECTIONS}"),
+            ("eidetic_rope", eidetic_rope in EIDETIC_ROPE_MODES, f"one of {EIDETIC_ROPE_MODES}"),
+        ]
+        for name, ok, allowed in checks:
+            if not ok:
+                raise ValueError(f"{name}={locals()[name]!r} is invalid: must be {allowed}")
+        super().__init__(d_model, n_heads, n_kv_heads, window=window, qk_norm=qk_norm, rope_theta=rope_theta,
+                         block_size=chunk_size, norm_eps=norm_eps)
         self.fading_span = fading_span
         self.chunk_size = chunk_size
         self.eidetic_per_chunk = eidetic_per_chunk
@@ -108,8 +122,9 @@ class BMojoMixer(Attention):
         self.ssm = Mamba2Mixer(d_model, d_state=d_state, d_conv=d_conv, expand=expand, headdim=ssm_headdim,
                                ngroups=ssm_ngroups)
         kv_dim = n_kv_heads * self.head_dim
-        self.kf_proj = None if tie_fading_proj else nn.Linear(d_model, kv_dim, bias=False)
-        self.vf_proj = None if tie_fading_proj else nn.Linear(d_model, kv_dim, bias=False)
+        untied = not tie_fading_proj and fading_span > 0
+        self.kf_proj = nn.Linear(d_model, kv_dim, bias=False) if untied else None
+        self.vf_proj = nn.Linear(d_model, kv_dim, bias=False) if untied else None
         self.predictor = None
         if eidetic_capacity > 0 and selection == "topk":
             # Φ: x̂_t = Φ(f_{t-1}), trained only by the auxiliary loss; zero init (x̂ = 0).
@@ -196,9 +211,10 @@ class BMojoMixer(Attention):
             cache.raw.write(k_rot, v, 0)
             if cache.fading is not None:
                 cache.fading.write(kf, vf, 0)
-            cache.prev_f.copy_(f[:, -1])
+            cache.prev_f.copy_(f[:, -1].detach())
             if self.has_memory:
-                self._fill_memory_cache(cache, k_eid, v, score, mem_pos[:, L // C], mem_score[:, L // C])
+                self._fill_memory_cache(cache, k_eid.detach(), v.detach(), score, mem_pos[:, L // C],
+                                        mem_score[:, L // C])
         y = self.o_proj(out.flatten(-2))
         return (y + f if self.ssm_residual else y), aux
 
@@ -245,8 +261,8 @@ class BMojoMixer(Attention):
         if self.has_memory:
             positions = torch.tensor([t], device=x.device)
             score, _ = self._selection_scores(x[:, None], cache.prev_f[:, None], positions)
-            self._add_candidate(cache, self.eidetic_key(k, k_rot)[:, 0], v[:, 0], score[:, 0], t)
-        cache.prev_f.copy_(f)
+            self._add_candidate(cache, self.eidetic_key(k, k_rot)[:, 0].detach(), v[:, 0].detach(), score[:, 0], t)
+        cache.prev_f.copy_(f.detach())
         y = self.o_proj(out.flatten(-2))
         return y + f if self.ssm_residual else y
 

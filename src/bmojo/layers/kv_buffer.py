@@ -39,7 +39,8 @@ class KVBuffer:
         self.pos = torch.cat([self.pos, self.pos.new_full((extra,), -1)])
 
     def write(self, k: Tensor, v: Tensor, start: int) -> None:
-        """Store ``k, v [B, n, hkv, dh]`` at positions ``start .. start + n - 1``."""
+        """Store ``k, v [B, n, hkv, dh]`` at positions ``start .. start + n - 1`` (detached: a
+        cache holds values, never an autograd graph)."""
         n = k.shape[1]
         if self.growable and start + n > self.pos.shape[0]:
             self._grow(start + n)
@@ -47,6 +48,6 @@ class KVBuffer:
         keep = min(n, slots)
         positions = torch.arange(start + n - keep, start + n, device=self.pos.device)
         index = positions % slots
-        self.k[:, index] = k[:, n - keep:].to(self.k.dtype)
-        self.v[:, index] = v[:, n - keep:].to(self.v.dtype)
+        self.k[:, index] = k[:, n - keep:].detach().to(self.k.dtype)
+        self.v[:, index] = v[:, n - keep:].detach().to(self.v.dtype)
         self.pos[index] = positions

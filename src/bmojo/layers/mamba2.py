@@ -91,14 +91,14 @@ class Mamba2Mixer(nn.Module):
         L = u.shape[1]
         z, xBC, dt = self._split(self.in_proj(u))
         if cache is not None and self.d_conv > 1:
-            tail = xBC[:, -(self.d_conv - 1):].transpose(1, 2)  # [B, conv_dim, <= d_conv-1]
+            tail = xBC[:, -(self.d_conv - 1):].transpose(1, 2).detach()  # [B, conv_dim, <= d_conv-1]
             cache.conv_state.zero_()
             cache.conv_state[..., cache.conv_state.shape[-1] - tail.shape[-1]:] = tail
         xBC = F.silu(self.conv1d(xBC.transpose(1, 2))[..., :L].transpose(1, 2))
         x, dt, A, B, C = self._ssm_inputs(xBC, dt)
         y, final_state = ssd_chunked(x, dt, A, B, C, self.D, chunk_size=self.chunk_size)
         if cache is not None:
-            cache.ssm_state.copy_(final_state)
+            cache.ssm_state.copy_(final_state.detach())
         y = self.norm(y.flatten(-2), z)
         return self.out_proj(y)
 
@@ -106,14 +106,14 @@ class Mamba2Mixer(nn.Module):
         """One token ``u [B, d_model]`` -> ``[B, d_model]``, updating ``cache`` in place."""
         z, xBC, dt = self._split(self.in_proj(u))
         window = torch.cat([cache.conv_state, xBC[..., None].to(cache.conv_state.dtype)], -1)  # [B, conv_dim, d_conv]
-        cache.conv_state.copy_(window[..., 1:])
+        cache.conv_state.copy_(window[..., 1:].detach())
         xBC = (window * self.conv1d.weight[:, 0, :]).sum(-1)
         if self.conv1d.bias is not None:
             xBC = xBC + self.conv1d.bias
         xBC = F.silu(xBC).to(z.dtype)
         x, dt, A, B, C = self._ssm_inputs(xBC, dt)
         y, new_state = ssd_step(x, dt, A, B, C, cache.ssm_state, self.D)
-        cache.ssm_state.copy_(new_state)
+        cache.ssm_state.copy_(new_state.detach())
         y = self.norm(y.flatten(-2), z)
         return self.out_proj(y)
 

@@ -3,11 +3,13 @@
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_model, save_model
 from torch import Tensor, nn
 
@@ -23,6 +25,7 @@ from bmojo.models.sampling import sample_next_token
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 RESIDUAL_OUTPUT_PROJECTIONS = ("o_proj.weight", "down_proj.weight", "out_proj.weight")
+_SAFETENSORS_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "F64": torch.float64}
 
 
 @dataclass
@@ -177,6 +180,7 @@ class LanguageModel(nn.Module):
         Returns ``[B, L + max_new_tokens]``."""
         if max_new_tokens < 0:
             raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+        tokens = tokens.to(self.embed.weight.device)
         cache = self.new_cache(tokens.shape[0])
         logits = self.forward(tokens, cache).logits[:, -1]
         generator = None
@@ -219,15 +223,22 @@ class LanguageModel(nn.Module):
 
     @classmethod
     def from_pretrained(cls, directory: str | Path, device: str | torch.device = "cpu") -> LanguageModel:
-        """Rebuild a model saved by :meth:`save_pretrained`, weights bit-identical."""
+        """Rebuild a model saved by :meth:`save_pretrained`: weights bit-identical, in the dtype
+        they were saved in."""
         directory = Path(directory)
         for name in (CONFIG_FILE, WEIGHTS_FILE):
             if not (directory / name).is_file():
                 raise FileNotFoundError(f"{directory} is not a bmojo checkpoint: {name} is missing")
-        config = ModelConfig.from_json((directory / CONFIG_FILE).read_text())
-        model = cls(config)
         try:
-            load_model(model, str(directory / WEIGHTS_FILE), strict=True, device=str(device))
-        except RuntimeError as err:
-            raise ValueError(f"{directory / WEIGHTS_FILE} does not match {directory / CONFIG_FILE}: {err}") from err
-        return model.to(device)
+            config = ModelConfig.from_json((directory / CONFIG_FILE).read_text())
+        except (json.JSONDecodeError, TypeError) as err:
+            raise ValueError(f"{directory / CONFIG_FILE} is not a valid bmojo config: {err}") from err
+        weights = str(directory / WEIGHTS_FILE)
+        try:
+            with safe_open(weights, framework="pt") as f:
+                dtype = f.get_slice("embed.weight").get_dtype()
+            model = cls(config).to(device=device, dtype=_SAFETENSORS_DTYPES.get(dtype, torch.float32))
+            load_model(model, weights, strict=True, device=str(device))
+        except (RuntimeError, SafetensorError) as err:
+            raise ValueError(f"{weights} does not match {directory / CONFIG_FILE} or is corrupt: {err}") from err
+        return model

@@ -138,20 +138,25 @@ def union_attention_chunked(
     Query block ``n`` (positions ``s = n*C .. s+C-1``) is scored against the raw keys
     ``[s-W+1, s+C-1]`` (``C+W-1`` keys), the fading keys ``[s-W-F+1, s+C-1-W]``
     (``C+F-1`` keys) and the ``M`` memory slots of its chunk: ``O(L·(2C+W+F+M))`` work
-    instead of ``O(L²)``.
+    instead of ``O(L²)``. When the window covers the whole sequence this is full causal
+    attention, and runs as such.
     """
     _check_inputs(q, k, v, window, fading_span, kf, vf, mem_k, mem_v, mem_pos, chunk_size)
     b, l, h, dh = q.shape
     hkv = k.shape[2]
     group = h // hkv
     scale = dh**-0.5 if scale is None else scale
+    if window is not None and window >= l:
+        # The window covers the whole sequence: no fading token (j <= i - W < 0) and no
+        # eidetic slot (t <= i - W < 0) is visible, so this is exactly full causal attention.
+        window = None
     if window is None:
         qh, kh, vh = (t.transpose(1, 2) for t in (q, k, v))
         kh, vh = kh.repeat_interleave(group, dim=1), vh.repeat_interleave(group, dim=1)
         out = F.scaled_dot_product_attention(qh, kh, vh, is_causal=True, scale=scale)
         return out.transpose(1, 2)
 
-    C, W, Fs = chunk_size, window, fading_span
+    C, W, Fs = min(chunk_size, l), window, fading_span  # a sequence shorter than a chunk is one block
     nq = math.ceil(l / C)
     device = q.device
     a = torch.arange(C, device=device)  # query offset inside the block
