@@ -1,13 +1,25 @@
-"""The `bmojo` command line."""
+"""The `bmojo` command line: `demo`, `train`, `eval`."""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
 import sys
+import typing
+from pathlib import Path
+from typing import Any
 
 import torch
 
 from bmojo import __version__
+from bmojo.config import PRESETS, ModelConfig
+from bmojo.data.synthetic import TASKS
+from bmojo.training.trainer import TrainConfig, TrainingDiverged
+
+# Fields the run sets itself: the vocabulary comes from the task, the context from the test lengths.
+MODEL_FIELDS_SET_BY_RUN = {"arch", "vocab_size", "max_seq_len"}
+TASK_FIELDS_SET_BY_RUN = {"seq_len"}
 
 
 def positive_int(text: str) -> int:
@@ -15,6 +27,160 @@ def positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
     return value
+
+
+def _parse_value(text: str, hint: Any) -> Any:
+    """Parse one command-line value for a dataclass field annotated ``hint``."""
+    args = typing.get_args(hint)
+    if type(None) in args:
+        if text.lower() == "none":
+            return None
+        hint = next(a for a in args if a is not type(None))
+    if hint is bool:
+        if text.lower() not in ("true", "false", "1", "0"):
+            raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+        return text.lower() in ("true", "1")
+    try:
+        return hint(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(f"expected {hint.__name__}, got {text!r}") from err
+
+
+def _field_specs(cls: type, skip: set[str]) -> dict[str, tuple[Any, Any]]:
+    """``name -> (type hint, default)`` for the fields of dataclass ``cls``."""
+    hints = typing.get_type_hints(cls)
+    return {f.name: (hints[f.name], f.default) for f in dataclasses.fields(cls)
+            if f.name not in skip and not f.name.startswith("_")}
+
+
+def _task_field_specs() -> dict[str, tuple[Any, Any]]:
+    specs: dict[str, tuple[Any, Any]] = {}
+    for task in TASKS.values():
+        specs.update(_field_specs(task.config_class, TASK_FIELDS_SET_BY_RUN))
+    return specs
+
+
+def _add_fields(group, specs: dict[str, tuple[Any, Any]], as_list: bool = False) -> None:
+    for name, (hint, default) in specs.items():
+        def parse(text, hint=hint):
+            values = [_parse_value(part, hint) for part in text.split(",")]
+            return values if as_list and len(values) > 1 else values[0]
+        list_note = " (a comma list makes a mixture)" if as_list else ""
+        group.add_argument(f"--{name.replace('_', '-')}", dest=f"{group.title}.{name}", type=parse, default=None,
+                           metavar=getattr(hint, "__name__", "VALUE").upper(),
+                           help=f"default: {default}{list_note}")
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        values = [int(part) for part in text.split(",")]
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from err
+    if any(v < 1 for v in values):
+        raise argparse.ArgumentTypeError(f"lengths must be >= 1, got {text!r}")
+    return values
+
+
+def _float_list(text: str) -> list[float]:
+    try:
+        return [float(part) for part in text.split(",")]
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from err
+
+
+def _read_config_file(path: str) -> dict[str, Any]:
+    file = Path(path)
+    if not file.is_file():
+        raise ValueError(f"config file {path} does not exist")
+    text = file.read_text()
+    if file.suffix in (".yaml", ".yml"):
+        try:
+            import yaml
+        except ImportError as err:
+            raise ValueError(f"{path}: reading YAML needs PyYAML (pip install pyyaml); or use JSON") from err
+        data = yaml.safe_load(text)
+    else:
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path} is not valid JSON: {err}") from err
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} must hold a mapping of run fields")
+    return data
+
+
+def _run_from_args(args: argparse.Namespace) -> dict[str, Any]:
+    """The run spec: the config file, then every flag given on the command line."""
+    spec = _read_config_file(args.config) if args.config else {}
+    for key in ("task", "arch", "train_lengths", "test_lengths", "eval_examples"):
+        if getattr(args, key) is not None:
+            spec[key] = getattr(args, key)
+    for section, key in (("model", "model"), ("training", "train"), ("task", "task_fields")):
+        given = {name.split(".", 1)[1]: value for name, value in vars(args).items()
+                 if name.startswith(f"{section}.") and value is not None}
+        spec[key] = {**spec.get(key, {}), **given}
+    return spec
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from bmojo.training.recall import RecallRun, train_recall
+
+    spec = _run_from_args(args)
+    lrs = args.lr or [spec.get("train", {}).get("lr", TrainConfig.lr)]
+    out = Path(args.out)
+    results = []
+    for lr in lrs:
+        run = RecallRun.from_dict({**spec, "train": {**spec.get("train", {}), "lr": lr}})
+        run_dir = out if len(lrs) == 1 else out / f"lr-{lr:g}"
+        print(f"training {run.arch} on {run.task} (lr {lr:g}, {run.model_config().layer_pattern} layers) "
+              f"-> {run_dir}", file=sys.stderr)
+        try:
+            result, report = train_recall(run, run_dir, resume=args.resume, device=args.device,
+                                          progress=not args.no_progress)
+        except TrainingDiverged as err:
+            print(f"error: {err}", file=sys.stderr)
+            if len(lrs) == 1:
+                return 1
+            continue
+        print(report.format())
+        results.append({"lr": lr, "dir": str(run_dir), "steps": result.steps, "accuracy": report.accuracy,
+                        "far_accuracy": report.far_accuracy})
+    if len(lrs) > 1:
+        if not results:
+            print("error: every learning rate diverged", file=sys.stderr)
+            return 1
+        best = max(results, key=lambda r: r["accuracy"])
+        print(f"\n{'lr':>10} {'steps':>7} {'accuracy':>9} {'far acc':>8}")
+        for r in results:
+            far = "-" if r["far_accuracy"] is None else f"{r['far_accuracy']:.3f}"
+            mark = "  <- best" if r is best else ""
+            print(f"{r['lr']:>10g} {r['steps']:>7} {r['accuracy']:>9.3f} {far:>8}{mark}")
+        (out / "sweep.json").write_text(json.dumps({"arch": spec.get("arch"), "results": results, "best": best},
+                                                   indent=2))
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from bmojo.models.lm import LanguageModel
+    from bmojo.training.recall import RecallRun, evaluate_run
+
+    model = LanguageModel.from_pretrained(args.ckpt)
+    saved = RecallRun.load(args.ckpt).to_dict() if (Path(args.ckpt) / "run.json").is_file() else {}
+    spec = {**saved, "arch": model.config.arch, "model": model.config.to_dict()}
+    spec["model"] = {k: v for k, v in spec["model"].items() if k not in MODEL_FIELDS_SET_BY_RUN}
+    for key in ("task", "test_lengths", "eval_examples"):
+        if getattr(args, key) is not None:
+            spec[key] = getattr(args, key)
+    if spec.get("task") is None:
+        raise ValueError(f"{args.ckpt} has no run.json: say which task to evaluate with --task")
+    run = RecallRun.from_dict(spec)
+    if run.vocab_size != model.config.vocab_size:
+        raise ValueError(f"task vocabulary {run.vocab_size} differs from the model's {model.config.vocab_size}")
+    report = evaluate_run(model.to(args.device or "cpu"), run)
+    print(report.format())
+    if args.json:
+        print(json.dumps(dataclasses.asdict(report)))
+    return 0
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -43,6 +209,38 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--decode-tokens", type=positive_int, default=16, help="tokens decoded after training")
     demo.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     demo.set_defaults(func=cmd_demo)
+
+    train = sub.add_parser("train", help="train a model on a synthetic recall task",
+                           description="Train one architecture on a recall task and evaluate it on longer "
+                                       "test sequences. Flags override the --config file.")
+    train.add_argument("--task", choices=list(TASKS), default=None, help="default: mqar")
+    train.add_argument("--arch", choices=list(PRESETS), default=None, help="default: bmojo")
+    train.add_argument("--config", default=None, help="JSON (or YAML) file with run fields")
+    train.add_argument("--out", default="runs/train", help="output directory (default: runs/train)")
+    train.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
+    train.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    train.add_argument("--train-lengths", type=_int_list, default=None, help="default: 64,128")
+    train.add_argument("--test-lengths", type=_int_list, default=None, help="default: 256,512")
+    train.add_argument("--eval-examples", type=positive_int, default=None, help="default: 512")
+    train.add_argument("--lr", type=_float_list, default=None,
+                       help=f"learning rate; a comma list runs a sweep (default: {TrainConfig.lr})")
+    train.add_argument("--no-progress", action="store_true", help="no progress bar")
+    model_group = train.add_argument_group("model")
+    _add_fields(model_group, _field_specs(ModelConfig, MODEL_FIELDS_SET_BY_RUN))
+    training_group = train.add_argument_group("training")
+    _add_fields(training_group, _field_specs(TrainConfig, {"lr"}))
+    task_group = train.add_argument_group("task")
+    _add_fields(task_group, _task_field_specs(), as_list=True)
+    train.set_defaults(func=cmd_train)
+
+    evaluate = sub.add_parser("eval", help="evaluate a checkpoint on a recall task")
+    evaluate.add_argument("--ckpt", required=True, help="checkpoint directory (from bmojo train)")
+    evaluate.add_argument("--task", choices=list(TASKS), default=None, help="default: the task it was trained on")
+    evaluate.add_argument("--test-lengths", type=_int_list, default=None, help="default: the run's")
+    evaluate.add_argument("--eval-examples", type=positive_int, default=None, help="default: the run's")
+    evaluate.add_argument("--device", default=None)
+    evaluate.add_argument("--json", action="store_true", help="print the report as JSON on the last line")
+    evaluate.set_defaults(func=cmd_eval)
     return parser
 
 
@@ -50,7 +248,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except ValueError as err:
+    except (ValueError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
 

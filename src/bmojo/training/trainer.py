@@ -22,11 +22,11 @@ import torch.nn.functional as F
 from torch import Tensor
 from tqdm import tqdm
 
+from bmojo.data.synthetic import IGNORE_INDEX
 from bmojo.models.lm import LanguageModel
 from bmojo.training.checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
 from bmojo.training.schedule import lr_at
 
-IGNORE_INDEX = -100
 CHECKPOINT_DIR = "checkpoint"
 METRICS_FILE = "metrics.jsonl"
 PRECISIONS = ("bf16", "fp32")

@@ -1,0 +1,85 @@
+import json
+import subprocess
+import sys
+
+import pytest
+
+from bmojo import LanguageModel
+from bmojo.cli import main
+
+TINY = ["--d-model", "32", "--n-layers", "1", "--n-heads", "2", "--window", "8", "--ssm-headdim", "16",
+        "--d-state", "8", "--mlp-ratio", "0", "--vocab-size", "32", "--num-kv-pairs", "2,4",
+        "--train-lengths", "24", "--test-lengths", "48", "--eval-examples", "16", "--batch-size", "4",
+        "--eval-every", "2", "--checkpoint-every", "2", "--log-every", "1", "--no-progress"]
+
+
+def bmojo(*args):
+    return subprocess.run([sys.executable, "-m", "bmojo", *args], capture_output=True, text=True)
+
+
+def test_train_then_eval(tmp_path, capsys):
+    assert main(["train", "--task", "mqar", "--arch", "bmojo", "--out", str(tmp_path), "--max-steps", "4",
+                 *TINY]) == 0
+    out = capsys.readouterr().out
+    assert "accuracy" in out and "by kv pairs: 2:" in out and "by distance" in out
+    run = json.loads((tmp_path / "run.json").read_text())
+    assert run["task"] == "mqar" and run["task_fields"]["num_kv_pairs"] == [2, 4] and run["model"]["window"] == 8
+    model = LanguageModel.from_pretrained(tmp_path)
+    assert model.config.vocab_size == 32 and model.config.layer_pattern == "B"
+    assert main(["eval", "--ckpt", str(tmp_path), "--test-lengths", "64", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert set(report["by_kv_pairs"]) == {"2", "4"} and 0.0 <= report["accuracy"] <= 1.0
+
+
+def test_resume_refuses_changed_settings(tmp_path, capsys):
+    args = ["train", "--out", str(tmp_path), *TINY]
+    assert main([*args, "--max-steps", "4"]) == 0
+    capsys.readouterr()
+    assert main([*args, "--max-steps", "6", "--resume"]) == 2  # other settings: another run
+    assert "started with different settings" in capsys.readouterr().err
+    assert main([*args, "--max-steps", "4", "--resume"]) == 0
+    steps = [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert max(steps) == 4
+
+
+def test_learning_rate_sweep_reports_the_best(tmp_path, capsys):
+    assert main(["train", "--arch", "swa", "--out", str(tmp_path), "--max-steps", "2", "--lr", "1e-3,3e-3",
+                 *TINY]) == 0
+    out = capsys.readouterr().out
+    assert "<- best" in out
+    sweep = json.loads((tmp_path / "sweep.json").read_text())
+    assert [r["lr"] for r in sweep["results"]] == [1e-3, 3e-3]
+    assert sweep["best"]["accuracy"] == max(r["accuracy"] for r in sweep["results"])
+    assert (tmp_path / "lr-0.001" / "model.safetensors").is_file()
+
+
+def test_config_file_with_overrides(tmp_path, capsys):
+    config = tmp_path / "run.json"
+    config.write_text(json.dumps({"task": "far_recall", "arch": "mamba2", "task_fields": {"gap_min": 12},
+                                  "train": {"max_steps": 2}}))
+    assert main(["train", "--config", str(config), "--out", str(tmp_path / "out"), *TINY]) == 0
+    run = json.loads((tmp_path / "out" / "run.json").read_text())
+    assert run["task"] == "far_recall" and run["arch"] == "mamba2" and run["train"]["max_steps"] == 2
+    assert run["task_fields"]["gap_min"] == 12 and run["task_fields"]["num_kv_pairs"] == [2, 4]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["train", "--config", "missing.json"], "does not exist"),
+    (["train", "--num-kv-pairs", "500", "--train-lengths", "64"], "num_kv_pairs"),
+    (["train", "--task", "mqar", "--noise-per-pair", "3"], "noise_per_pair"),
+    (["eval", "--ckpt", "nowhere"], "not a bmojo checkpoint"),
+])
+def test_user_mistakes_are_one_line_errors(tmp_path, args, message):
+    result = bmojo(*args)
+    assert result.returncode == 2
+    assert message in result.stderr and "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_bad_config_file_and_unknown_task(tmp_path):
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    result = bmojo("train", "--config", str(bad))
+    assert result.returncode == 2 and "is not valid JSON" in result.stderr and "Traceback" not in result.stderr
+    result = bmojo("train", "--task", "sorting")
+    assert result.returncode == 2 and "invalid choice: 'sorting'" in result.stderr
