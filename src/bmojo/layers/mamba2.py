@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from bmojo.layers.norm import GatedRMSNorm
+from bmojo.ops.conv import causal_depthwise_conv1d
 from bmojo.ops.ssd import ssd_chunked, ssd_step
 
 
@@ -28,7 +29,9 @@ class Mamba2Cache:
 
 
 class Mamba2Mixer(nn.Module):
-    """``[B, L, d_model] -> [B, L, d_model]``; ``chunk_size`` is the SSD chunk (not a weight)."""
+    """``[B, L, d_model] -> [B, L, d_model]``; ``chunk_size`` is the SSD chunk (not a weight).
+    ``conv1d`` holds the convolution's parameters in the reference layout; the forward pass
+    applies them with :func:`bmojo.ops.causal_depthwise_conv1d`."""
 
     def __init__(
         self,
@@ -88,13 +91,12 @@ class Mamba2Mixer(nn.Module):
 
     def forward(self, u: Tensor, cache: Mamba2Cache | None = None) -> Tensor:
         """Parallel form over ``u [B, L, d_model]``; fills ``cache`` (a fresh one) if given."""
-        L = u.shape[1]
         z, xBC, dt = self._split(self.in_proj(u))
         if cache is not None and self.d_conv > 1:
             tail = xBC[:, -(self.d_conv - 1):].transpose(1, 2).detach()  # [B, conv_dim, <= d_conv-1]
             cache.conv_state.zero_()
             cache.conv_state[..., cache.conv_state.shape[-1] - tail.shape[-1]:] = tail
-        xBC = F.silu(self.conv1d(xBC.transpose(1, 2))[..., :L].transpose(1, 2))
+        xBC = F.silu(causal_depthwise_conv1d(xBC, self.conv1d.weight, self.conv1d.bias))
         x, dt, A, B, C = self._ssm_inputs(xBC, dt)
         y, final_state = ssd_chunked(x, dt, A, B, C, self.D, chunk_size=self.chunk_size)
         if cache is not None:

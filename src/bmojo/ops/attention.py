@@ -109,13 +109,21 @@ def union_attention_reference(
     return out.transpose(1, 2).to(v.dtype)
 
 
-def _blocks(t: Tensor, front: int, size: int, nq: int, step: int) -> Tensor:
-    """Overlapping key blocks: pad ``t [b, l, hkv, dh]`` with ``front`` zeros before and enough
-    after, and return block ``n`` = padded positions ``[n*step, n*step + size)``,
-    as ``[b, nq, size, hkv, dh]``."""
-    back = max(0, (nq - 1) * step + size - front - t.shape[1])
-    padded = F.pad(t, (0, 0, 0, 0, front, back))
-    return padded.unfold(1, size, step)[:, :nq].permute(0, 1, 4, 2, 3)
+def _shifted_blocks(t: Tensor, nq: int, C: int, lo: int, hi: int) -> tuple[Tensor, Tensor]:
+    """For every block start ``s = n*C``, the keys at positions ``s+lo .. s+hi`` (and a few
+    more), taken as whole blocks ``n + d`` for ``d = lo//C .. hi//C`` (zeros outside the sequence).
+
+    ``t [b, l, hkv, dh]`` -> ``(keys [b, nq, K, hkv, dh], offsets [K])`` where ``offsets`` are
+    the keys' positions relative to the block start. Built from slices of one padded view,
+    so the backward pass is a sum of slices (much cheaper than ``unfold``'s).
+    """
+    first, last = lo // C, hi // C
+    front, back = max(-first, 0), max(last, 0)
+    b, l = t.shape[:2]
+    padded = F.pad(t, (0, 0, 0, 0, front * C, (nq + back) * C - l))
+    blocks = padded.view(b, front + nq + back, C, *t.shape[2:])
+    keys = torch.cat([blocks[:, front + d: front + d + nq] for d in range(first, last + 1)], dim=2)
+    return keys, torch.arange(first * C, (last + 1) * C, device=t.device)
 
 
 def union_attention_chunked(
@@ -135,10 +143,10 @@ def union_attention_chunked(
 ) -> Tensor:
     """Fast path, same arguments and result as :func:`union_attention_reference`.
 
-    Query block ``n`` (positions ``s = n*C .. s+C-1``) is scored against the raw keys
-    ``[s-W+1, s+C-1]`` (``C+W-1`` keys), the fading keys ``[s-W-F+1, s+C-1-W]``
-    (``C+F-1`` keys) and the ``M`` memory slots of its chunk: ``O(L·(2C+W+F+M))`` work
-    instead of ``O(L²)``. When the window covers the whole sequence this is full causal
+    Query block ``n`` (positions ``s = n*C .. s+C-1``) is scored against the whole key blocks
+    covering the raw keys ``[s-W+1, s+C-1]`` (``C·(1+⌈(W-1)/C⌉)`` keys), the fading keys
+    ``[s-W-F+1, s+C-1-W]`` (about ``C+F`` keys) and the ``M`` memory slots of its chunk:
+    ``O(L·(2C+W+F+M))`` work instead of ``O(L²)``. When the window covers the whole sequence this is full causal
     attention, and runs as such.
     """
     _check_inputs(q, k, v, window, fading_span, kf, vf, mem_k, mem_v, mem_pos, chunk_size)
@@ -166,24 +174,26 @@ def union_attention_chunked(
     def block_scores(query: Tensor, keys: Tensor) -> Tensor:  # -> [b, nq, hkv, group, C, keys]
         return torch.einsum("bnqkgd,bnrkd->bnkgqr", query, keys)
 
-    # Raw window: key r of block n is at j = s - W + 1 + r; visible iff a <= r <= a + W - 1, j >= 0.
-    r = torch.arange(C + W - 1, device=device)
-    j = block_start[:, None] - W + 1 + r[None, :]  # [nq, C+W-1]
-    raw_visible = (r[None, :] >= a[:, None]) & (r[None, :] <= a[:, None] + W - 1)  # [C, C+W-1]
-    raw_visible = raw_visible[None] & (j[:, None, :] >= 0)  # [nq, C, C+W-1]
-    scores = [block_scores(q_blocks, _blocks(k, W - 1, C + W - 1, nq, C))]
-    masks = [raw_visible[None, :, None, None]]
-    values = [_blocks(v, W - 1, C + W - 1, nq, C)]
+    def visible(offsets: Tensor, lo: Tensor, hi: Tensor) -> Tensor:
+        """[nq, C, K]: key at ``s + offset`` is visible to query ``s + a`` iff
+        ``lo[a] <= offset <= hi[a]`` and the key position is >= 0."""
+        in_range = (offsets[None, :] >= lo[:, None]) & (offsets[None, :] <= hi[:, None])  # [C, K]
+        return in_range[None] & (block_start[:, None, None] + offsets[None, None, :] >= 0)
+
+    # Raw window: keys j in [i-W+1, i], i.e. offsets in [a-W+1, a].
+    raw_k, offsets = _shifted_blocks(k, nq, C, -(W - 1), C - 1)
+    raw_v, _ = _shifted_blocks(v, nq, C, -(W - 1), C - 1)
+    scores = [block_scores(q_blocks, raw_k)]
+    masks = [visible(offsets, a - W + 1, a)[None, :, None, None]]
+    values = [raw_v]
 
     if Fs > 0:
-        # Fading: key r of block n is at j = s - W - F + 1 + r; visible iff a <= r <= a + F - 1, j >= 0.
-        r = torch.arange(C + Fs - 1, device=device)
-        j = block_start[:, None] - W - Fs + 1 + r[None, :]
-        fading_visible = (r[None, :] >= a[:, None]) & (r[None, :] <= a[:, None] + Fs - 1)
-        fading_visible = fading_visible[None] & (j[:, None, :] >= 0)  # [nq, C, C+F-1]
-        scores.append(block_scores(q_blocks, _blocks(kf, W + Fs - 1, C + Fs - 1, nq, C)))
-        masks.append(fading_visible[None, :, None, None])
-        values.append(_blocks(vf, W + Fs - 1, C + Fs - 1, nq, C))
+        # Fading tokens: j in [i-W-F+1, i-W], i.e. offsets in [a-W-F+1, a-W].
+        fading_k, offsets = _shifted_blocks(kf, nq, C, -(W + Fs - 1), C - 1 - W)
+        fading_v, _ = _shifted_blocks(vf, nq, C, -(W + Fs - 1), C - 1 - W)
+        scores.append(block_scores(q_blocks, fading_k))
+        masks.append(visible(offsets, a - W - Fs + 1, a - W)[None, :, None, None])
+        values.append(fading_v)
 
     if mem_k is not None:
         query_pos = block_start[:, None] + a[None, :]  # [nq, C]
