@@ -5,8 +5,8 @@ from bmojo.cli import main
 from bmojo.config import PRESETS
 
 
-def test_demo_runs_every_preset_and_prints_the_table(capsys):
-    code = main(["demo", "--steps", "3", "--batch", "2", "--seq-len", "24", "--decode-tokens", "3"])
+def test_smoke_runs_every_preset_and_prints_the_table(capsys):
+    code = main(["smoke", "--steps", "3", "--batch", "2", "--seq-len", "24", "--decode-tokens", "3"])
     out = capsys.readouterr().out
     assert code == 0
     for name in PRESETS:
@@ -15,7 +15,7 @@ def test_demo_runs_every_preset_and_prints_the_table(capsys):
 
 
 def test_bad_arguments_are_usage_errors_not_tracebacks():
-    result = subprocess.run([sys.executable, "-m", "bmojo", "demo", "--steps", "0"],
+    result = subprocess.run([sys.executable, "-m", "bmojo", "smoke", "--steps", "0"],
                             capture_output=True, text=True)
     assert result.returncode == 2
     assert "must be >= 1" in result.stderr and "Traceback" not in result.stderr

@@ -1,4 +1,4 @@
-"""The `bmojo` command line: `demo`, `train`, `eval`."""
+"""The `bmojo` command line: `demo`, `train`, `eval`, `smoke`."""
 
 from __future__ import annotations
 
@@ -183,7 +183,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_demo(args: argparse.Namespace) -> int:
+def cmd_smoke(args: argparse.Namespace) -> int:
     from bmojo.smoke import format_table, smoke_all
 
     device = torch.device(args.device) if args.device else None
@@ -197,18 +197,36 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_demo(args: argparse.Namespace) -> int:
+    from bmojo.demo import DemoSettings, format_table, run_demo
+
+    settings = DemoSettings.quick() if args.quick else DemoSettings()
+    rows = run_demo(args.out, settings, device=args.device, progress=not args.no_progress)
+    print(format_table(rows))
+    print(f"\nwrote {Path(args.out) / 'report.md'}, recall_vs_state.png, results.json and a checkpoint per arch")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="bmojo", description="B'MOJO hybrid state-space language models.")
     parser.add_argument("--version", action="version", version=f"bmojo {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
-    demo = sub.add_parser("demo", help="build, train a few steps and decode every preset architecture",
+    demo = sub.add_parser("demo", help="the recall comparison of all six architectures (the main job)",
                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    demo.add_argument("--steps", type=positive_int, default=30, help="training steps per architecture")
-    demo.add_argument("--batch", type=positive_int, default=4, help="sequences per step")
-    demo.add_argument("--seq-len", type=positive_int, default=96, help="tokens per sequence")
-    demo.add_argument("--decode-tokens", type=positive_int, default=16, help="tokens decoded after training")
+    demo.add_argument("--quick", action="store_true", help="tiny models and few steps (about a minute)")
+    demo.add_argument("--out", default="runs/demo", help="output directory")
     demo.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    demo.add_argument("--no-progress", action="store_true", help="no progress bars")
     demo.set_defaults(func=cmd_demo)
+
+    smoke = sub.add_parser("smoke", help="build, train a few steps and decode every preset (seconds)",
+                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    smoke.add_argument("--steps", type=positive_int, default=30, help="training steps per architecture")
+    smoke.add_argument("--batch", type=positive_int, default=4, help="sequences per step")
+    smoke.add_argument("--seq-len", type=positive_int, default=96, help="tokens per sequence")
+    smoke.add_argument("--decode-tokens", type=positive_int, default=16, help="tokens decoded after training")
+    smoke.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    smoke.set_defaults(func=cmd_smoke)
 
     train = sub.add_parser("train", help="train a model on a synthetic recall task",
                            description="Train one architecture on a recall task and evaluate it on longer "

@@ -31,6 +31,7 @@ class RecallRun:
     train_lengths: list[int] = field(default_factory=lambda: list(DEFAULT_LENGTHS["train"]))
     test_lengths: list[int] = field(default_factory=lambda: list(DEFAULT_LENGTHS["test"]))
     eval_examples: int = 512
+    far_from: int | None = None  # queries at least this far back count as far; None: window + fading span
     model: dict[str, Any] = field(default_factory=dict)
     train: TrainConfig = field(default_factory=TrainConfig)
 
@@ -76,18 +77,21 @@ class RecallRun:
         return cls.from_dict(json.loads(path.read_text()))
 
 
-def far_threshold(config: ModelConfig) -> int | None:
-    """Distance beyond which only memory that outlives the window can answer: W + F (+ nothing
-    for archs without a window)."""
-    if set(config.layer_pattern) <= set("A"):
+def far_threshold(run: RecallRun, config: ModelConfig) -> int | None:
+    """Distance from which a query counts as far: ``run.far_from``, else window + fading span
+    of a model with windowed layers (only memory that outlives the window answers those)."""
+    if run.far_from is not None:
+        return run.far_from
+    kinds = set(config.layer_pattern)
+    if not kinds & set("WFB"):
         return None
-    return config.window + (config.fading_span if set(config.layer_pattern) & set("FB") else 0)
+    return config.window + (config.fading_span if kinds & set("FB") else 0)
 
 
 def evaluate_run(model: LanguageModel, run: RecallRun, batch_size: int = 64) -> RecallReport:
     test = make_dataset(run.task, num_examples=run.eval_examples, split="test", seed=run.train.seed,
                         lengths=run.test_lengths, **run.task_fields)
-    return evaluate_recall(model, test, batch_size, far_from=far_threshold(model.config))
+    return evaluate_recall(model, test, batch_size, far_from=far_threshold(run, model.config))
 
 
 def train_recall(run: RecallRun, out_dir: str | Path, resume: bool = False, device: str | None = None,
