@@ -32,16 +32,16 @@ class DemoSettings:
 
     task: str = "far_recall"
     task_fields: dict[str, Any] = field(default_factory=lambda: {
-        "vocab_size": 256, "num_kv_pairs": 16, "gap_min": 24, "power_a": 1.0})
-    train_lengths: list[int] = field(default_factory=lambda: [96])
-    test_lengths: list[int] = field(default_factory=lambda: [192])
+        "vocab_size": 128, "num_kv_pairs": 6, "gap_min": 12, "power_a": 1.0})
+    train_lengths: list[int] = field(default_factory=lambda: [64])
+    test_lengths: list[int] = field(default_factory=lambda: [128])
     eval_examples: int = 512
     base_model: dict[str, Any] = field(default_factory=lambda: {
-        "d_model": 64, "n_layers": 2, "n_heads": 2, "window": 8, "fading_span": 8, "chunk_size": 8,
-        "eidetic_per_chunk": 4, "eidetic_capacity": 32, "d_state": 8, "ssm_headdim": 32, "expand": 2,
+        "d_model": 64, "n_layers": 2, "n_heads": 2, "window": 4, "fading_span": 4, "chunk_size": 4,
+        "eidetic_per_chunk": 4, "eidetic_capacity": 16, "d_state": 4, "ssm_headdim": 32, "expand": 2,
         "mlp_ratio": 0.0})
     match_params_of: str = "bmojo"
-    max_steps: int = 1200
+    max_steps: int = 1500
     batch_size: int = 32
     precision: str = "fp32"  # at this size bf16 casts cost more than they save on CPU
     learning_rates: dict[str, float] = field(default_factory=lambda: {

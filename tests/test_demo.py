@@ -1,0 +1,39 @@
+import json
+
+import pytest
+
+from bmojo import LanguageModel, ModelConfig
+from bmojo.cli import main
+from bmojo.config import PRESETS
+from bmojo.demo import DemoSettings, _param_count, matched_model
+
+
+@pytest.mark.parametrize("arch", ["transformer", "mamba2", "hybrid"])
+def test_matched_width_is_the_closest_parameter_count(arch):
+    base = DemoSettings().base_model
+    target = _param_count(ModelConfig.preset("bmojo", **base, vocab_size=256))
+    chosen = matched_model(arch, base, target, 256)
+    gap = abs(_param_count(ModelConfig.preset(arch, **chosen, vocab_size=256)) - target)
+    for d_model in range(base["n_heads"] * 2, 4 * base["d_model"] + 1, base["n_heads"] * 2):
+        try:
+            other = ModelConfig.preset(arch, **{**base, "d_model": d_model}, vocab_size=256)
+        except ValueError:
+            continue
+        assert gap <= abs(_param_count(other) - target)
+    assert gap / target < 0.1
+
+
+def test_quick_demo_end_to_end(tmp_path, capsys):
+    assert main(["demo", "--quick", "--out", str(tmp_path), "--no-progress"]) == 0
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert [r["arch"] for r in results["rows"]] == list(PRESETS)
+    report = (tmp_path / "report.md").read_text()
+    for row in results["rows"]:
+        assert f"| {row['arch']} |" in report
+        assert 0.0 <= row["accuracy"] <= 1.0 and row["state_bytes"] > 0 and row["train_time_s"] >= 0
+        model = LanguageModel.from_pretrained(tmp_path / row["arch"])
+        assert model.num_params() == row["params"] and model.state_size_bytes() == row["state_bytes"]
+    assert results["settings"]["task"] == "far_recall"
+    png = (tmp_path / "recall_vs_state.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "| arch |" in capsys.readouterr().out
