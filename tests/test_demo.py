@@ -37,3 +37,7 @@ def test_quick_demo_end_to_end(tmp_path, capsys):
     png = (tmp_path / "recall_vs_state.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n"
     assert "| arch |" in capsys.readouterr().out
+    # the memory inspector reads a demo checkpoint
+    assert main(["inspect", "--ckpt", str(tmp_path / "bmojo"), "--png", str(tmp_path / "memory.png")]) == 0
+    assert "slots filled" in capsys.readouterr().out
+    assert (tmp_path / "memory.png").read_bytes()[:4] == b"\x89PNG"

@@ -1,4 +1,4 @@
-"""The `bmojo` command line: `demo`, `train`, `eval`, `smoke`."""
+"""The `bmojo` command line: `demo`, `train`, `eval`, `inspect`, `smoke`."""
 
 from __future__ import annotations
 
@@ -183,6 +183,29 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from bmojo.data.synthetic import make_dataset
+    from bmojo.evaluation.memory import inspect_memory, plot_memory
+    from bmojo.models.lm import LanguageModel
+    from bmojo.training.recall import RecallRun
+
+    model = LanguageModel.from_pretrained(args.ckpt)
+    saved = RecallRun.load(args.ckpt) if (Path(args.ckpt) / "run.json").is_file() else None
+    task = args.task or (saved.task if saved else None)
+    if task is None:
+        raise ValueError(f"{args.ckpt} has no run.json: say which task to inspect with --task")
+    fields = saved.task_fields if saved and saved.task == task else {"vocab_size": model.config.vocab_size}
+    fields = {k: v[0] if isinstance(v, list) else v for k, v in fields.items()}
+    length = args.length or (saved.test_lengths[0] if saved else 128)
+    example = make_dataset(task, num_examples=1, split="test", seed=args.seed, lengths=[length], **fields)[0]
+    inspection = inspect_memory(model, example)
+    print(inspection.format())
+    png = Path(args.png) if args.png else Path(args.ckpt) / "memory.png"
+    plot_memory(inspection, png)
+    print(f"heat map: {png}")
+    return 0
+
+
 def cmd_smoke(args: argparse.Namespace) -> int:
     from bmojo.smoke import format_table, smoke_all
 
@@ -218,6 +241,14 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     demo.add_argument("--no-progress", action="store_true", help="no progress bars")
     demo.set_defaults(func=cmd_demo)
+
+    inspect = sub.add_parser("inspect", help="show what a B'MOJO checkpoint holds in eidetic memory")
+    inspect.add_argument("--ckpt", required=True, help="checkpoint directory (from bmojo train)")
+    inspect.add_argument("--task", choices=list(TASKS), default=None, help="default: the task it was trained on")
+    inspect.add_argument("--length", type=positive_int, default=None, help="default: the run's first test length")
+    inspect.add_argument("--seed", type=int, default=0, help="which test example")
+    inspect.add_argument("--png", default=None, help="heat map path (default: CKPT/memory.png)")
+    inspect.set_defaults(func=cmd_inspect)
 
     smoke = sub.add_parser("smoke", help="build, train a few steps and decode every preset (seconds)",
                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)

@@ -178,6 +178,14 @@ class BMojoMixer(Attention):
         zeros = x.new_zeros(x.shape[:-1], dtype=torch.float32)
         return selection_scores(zeros, positions, self.selection, self.selection_seed), zeros.sum()
 
+    @torch.no_grad()
+    def token_scores(self, x: Tensor) -> Tensor:
+        """The selection score of every position of ``x [B, L, D]`` (innovation for
+        ``"topk"``), as the parallel path ranks them: ``[B, L]``."""
+        f = self.ssm(x)
+        positions = torch.arange(x.shape[1], device=x.device)
+        return self._selection_scores(x, F.pad(f, (0, 0, 1, 0))[:, : x.shape[1]], positions)[0]
+
     def forward(self, x: Tensor, cache: BMojoCache | None = None) -> Tensor:
         return self.forward_with_aux(x, cache)[0]
 
