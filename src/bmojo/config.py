@@ -9,6 +9,7 @@ from typing import Any
 
 from bmojo.layers.bmojo import EIDETIC_ROPE_MODES
 from bmojo.ops.eidetic import POLICIES, SELECTIONS
+from bmojo.serialization import from_dict_strict
 
 # DESIGN.md §6: the mixer of each layer, by letter.
 LAYER_KINDS = {
@@ -173,11 +174,7 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"unknown ModelConfig fields {unknown}")
-        return cls(**data)
+        return from_dict_strict(cls, data)
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)

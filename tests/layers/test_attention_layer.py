@@ -13,15 +13,6 @@ D_MODEL, H = 32, 4
 DH = D_MODEL // H
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """The tensors here are tiny: one intra-op thread is much faster than a contended pool."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def make_attention(n_kv_heads: int, window: int | None, qk_norm: bool, seed: int = 0,
                    **kwargs) -> Attention:
     torch.manual_seed(seed)

@@ -30,15 +30,6 @@ REFERENCE_KEYS = {
 }
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """The tensors here are tiny: one intra-op thread is much faster than a contended pool."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def reference_state_dict(ngroups: int, seed: int = 0, d_conv: int = D_CONV) -> dict:
     """Random weights with exactly the reference Mamba-2 key names and shapes."""
     gen = torch.Generator().manual_seed(seed)

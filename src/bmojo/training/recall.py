@@ -15,6 +15,7 @@ from bmojo.config import ModelConfig
 from bmojo.data.synthetic import DEFAULT_LENGTHS, make_dataset, make_mixture
 from bmojo.evaluation.recall import RecallReport, evaluate_recall
 from bmojo.models.lm import LanguageModel
+from bmojo.serialization import from_dict_strict
 from bmojo.training.trainer import TrainConfig, Trainer, TrainResult
 
 RUN_FILE = "run.json"
@@ -63,11 +64,7 @@ class RecallRun:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> RecallRun:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"unknown run fields {unknown}; known: {sorted(known)}")
-        return cls(**data)
+        return from_dict_strict(cls, data)
 
     @classmethod
     def load(cls, out_dir: str | Path) -> RecallRun:

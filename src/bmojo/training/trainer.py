@@ -13,7 +13,7 @@ import json
 import math
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +24,7 @@ from tqdm import tqdm
 
 from bmojo.data.synthetic import IGNORE_INDEX
 from bmojo.models.lm import LanguageModel
+from bmojo.serialization import from_dict_strict
 from bmojo.training.checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
 from bmojo.training.schedule import lr_at
 
@@ -78,11 +79,7 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"unknown TrainConfig fields {unknown}")
-        return cls(**data)
+        return from_dict_strict(cls, data)
 
 
 class TrainingDiverged(RuntimeError):
