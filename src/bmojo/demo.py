@@ -39,7 +39,7 @@ class DemoSettings:
     base_model: dict[str, Any] = field(default_factory=lambda: {
         "d_model": 64, "n_layers": 2, "n_heads": 2, "window": 4, "fading_span": 4, "chunk_size": 4,
         "eidetic_per_chunk": 4, "eidetic_capacity": 16, "d_state": 4, "ssm_headdim": 32, "expand": 2,
-        "mlp_ratio": 0.0})
+        "mlp_ratio": 0.0, "tie_embeddings": False})  # tied embeddings stalled recall learning (docs/results.md)
     match_params_of: str = "bmojo"
     max_steps: int = 1500
     batch_size: int = 32
