@@ -115,20 +115,19 @@ def ssd_sequential(
     return y, state
 
 
-def segment_sum(a: Tensor) -> Tensor:
-    """``[..., T] -> [..., T, T]`` with ``out[..., i, j] = a[j+1] + ... + a[i]`` for ``i >= j``
-    and ``-inf`` above the diagonal, so that ``exp(out)`` is the causal decay matrix.
+def decay_matrix(a: Tensor) -> Tensor:
+    """``[..., T] -> [..., T, T]``: ``exp(a[j+1] + ... + a[i])`` for ``i >= j`` and ``0``
+    above the diagonal, the causal decay inside a chunk.
 
-    Computed as a masked cumulative sum (not a difference of cumulative sums) so that long
-    chunks do not lose precision.
+    Computed as a difference of cumulative sums taken in float64 (one subtraction per entry,
+    instead of a masked cumulative sum over a ``[T, T]`` tensor); the wide accumulation keeps
+    a short segment's sum exact to float32 precision after a long run of large decays.
     """
     T = a.shape[-1]
-    a = a[..., None].expand(*a.shape, T)  # [..., T(k), T(j)]
-    strictly_lower = torch.ones(T, T, dtype=torch.bool, device=a.device).tril(-1)
-    a = a.masked_fill(~strictly_lower, 0.0)
-    out = torch.cumsum(a, dim=-2)  # [..., i, j] = sum_{j < k <= i} a_k
+    a_cumsum = torch.cumsum(a.double(), dim=-1)
+    diff = (a_cumsum[..., :, None] - a_cumsum[..., None, :]).to(a.dtype)  # [..., i, j]
     lower = torch.ones(T, T, dtype=torch.bool, device=a.device).tril(0)
-    return out.masked_fill(~lower, float("-inf"))
+    return torch.exp(diff.masked_fill(~lower, float("-inf")))
 
 
 @_without_autocast
@@ -171,7 +170,7 @@ def ssd_chunked(
     a_cumsum = torch.cumsum(a, dim=-1)  # [b, h, c, Q]
 
     # 1. Within each chunk: y_i += sum_{j <= i} (C_i · B_j) exp(a_{j+1} + ... + a_i) dt_j x_j.
-    decay_in_chunk = torch.exp(segment_sum(a))  # [b, h, c, Q(i), Q(j)]
+    decay_in_chunk = decay_matrix(a)  # [b, h, c, Q(i), Q(j)]
     scores = torch.einsum("bcihn,bcjhn->bhcij", Ch, Bh) * decay_in_chunk
     y = torch.einsum("bhcij,bcjhp->bcihp", scores, x_dt)
 
