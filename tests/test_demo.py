@@ -41,3 +41,38 @@ def test_quick_demo_end_to_end(tmp_path, capsys):
     assert main(["inspect", "--ckpt", str(tmp_path / "bmojo"), "--png", str(tmp_path / "memory.png")]) == 0
     assert "slots filled" in capsys.readouterr().out
     assert (tmp_path / "memory.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_demo_varies_one_setting_per_arch(tmp_path, capsys):
+    argv = ["demo", "--quick", "--out", str(tmp_path), "--no-progress", "--archs", "bmojo",
+            "--vary", "eidetic_capacity=0,8"]
+    assert main(argv) == 0
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert [(r["arch"], r["varied"]["value"]) for r in results["rows"]] == [("bmojo", 0), ("bmojo", 8)]
+    for capacity in (0, 8):
+        config = LanguageModel.from_pretrained(tmp_path / "bmojo" / f"eidetic_capacity-{capacity}").config
+        assert config.eidetic_capacity == capacity
+    # widths stay matched on the base model: only the memory differs
+    assert results["rows"][0]["d_model"] == results["rows"][1]["d_model"]
+    assert results["rows"][0]["state_bytes"] < results["rows"][1]["state_bytes"]
+    assert results["best"]["bmojo"] in (0, 8)
+    report = (tmp_path / "report.md").read_text()
+    assert "| arch | eidetic_capacity |" in report and "Best eidetic_capacity per arch" in report
+    assert (tmp_path / "accuracy_vs_eidetic_capacity.png").read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--vary", "eidetic_capacity=3"], "eidetic_capacity=3 is invalid"),
+    (["--archs", "bmojo,gpt"], "unknown architecture"),
+])
+def test_demo_rejects_bad_runs_before_training(tmp_path, capsys, argv, message):
+    assert main(["demo", "--quick", "--out", str(tmp_path), "--no-progress", *argv]) == 2
+    assert message in capsys.readouterr().err
+    assert not list(tmp_path.glob("*/metrics.jsonl"))
+
+
+def test_demo_vary_flag_errors_are_one_line(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["demo", "--vary", "no_such_field=1"])
+    assert exit_info.value.code == 2
+    assert "cannot vary 'no_such_field'" in capsys.readouterr().err

@@ -220,13 +220,30 @@ def cmd_smoke(args: argparse.Namespace) -> int:
     return 0
 
 
+def _variation(text: str):
+    """``NAME=V1,V2,...`` -> :class:`bmojo.demo.Variation`, values typed like the field."""
+    from bmojo.demo import Variation
+
+    name, sep, values = text.partition("=")
+    name = name.strip().replace("-", "_")
+    if not sep or not values:
+        raise argparse.ArgumentTypeError(f"expected NAME=V1,V2,..., got {text!r}")
+    hints = {**typing.get_type_hints(ModelConfig), "lr": float}
+    try:
+        return Variation(name, [_parse_value(v.strip(), hints.get(name, str)) for v in values.split(",")])
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from err
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from bmojo.demo import DemoSettings, format_table, run_demo
 
     settings = DemoSettings.quick() if args.quick else DemoSettings()
-    rows = run_demo(args.out, settings, device=args.device, progress=not args.no_progress)
+    archs = tuple(args.archs.split(",")) if args.archs else tuple(PRESETS)
+    rows = run_demo(args.out, settings, device=args.device, progress=not args.no_progress, archs=archs,
+                    vary=args.vary)
     print(format_table(rows))
-    print(f"\nwrote {Path(args.out) / 'report.md'}, recall_vs_state.png, results.json and a checkpoint per arch")
+    print(f"\nwrote {Path(args.out) / 'report.md'}, a plot, results.json and a checkpoint per run")
     return 0
 
 
@@ -238,7 +255,11 @@ def build_parser() -> argparse.ArgumentParser:
                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     demo.add_argument("--quick", action="store_true", help="tiny models and few steps (about a minute)")
     demo.add_argument("--out", default="runs/demo", help="output directory")
-    demo.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    demo.add_argument("--archs", default=None, help="comma list of architectures; none: all six")
+    demo.add_argument("--vary", type=_variation, default=None, metavar="NAME=V1,V2,...",
+                      help="train each arch once per value of lr or of a model field, e.g. "
+                           "eidetic_capacity=0,4,8,16 or selection=topk,random,recent or lr=1e-3,3e-3,1e-2")
+    demo.add_argument("--device", default=None, help="torch device; none: cuda if available, else cpu")
     demo.add_argument("--no-progress", action="store_true", help="no progress bars")
     demo.set_defaults(func=cmd_demo)
 
@@ -256,7 +277,7 @@ def build_parser() -> argparse.ArgumentParser:
     smoke.add_argument("--batch", type=positive_int, default=4, help="sequences per step")
     smoke.add_argument("--seq-len", type=positive_int, default=96, help="tokens per sequence")
     smoke.add_argument("--decode-tokens", type=positive_int, default=16, help="tokens decoded after training")
-    smoke.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    smoke.add_argument("--device", default=None, help="torch device; none: cuda if available, else cpu")
     smoke.set_defaults(func=cmd_smoke)
 
     train = sub.add_parser("train", help="train a model on a synthetic recall task",

@@ -32,7 +32,7 @@ class DemoSettings:
 
     task: str = "far_recall"
     task_fields: dict[str, Any] = field(default_factory=lambda: {
-        "vocab_size": 128, "num_kv_pairs": 6, "gap_min": 12, "power_a": 1.0})
+        "vocab_size": 128, "num_kv_pairs": 4, "gap_min": 24, "power_a": 1.0})
     train_lengths: list[int] = field(default_factory=lambda: [64])
     test_lengths: list[int] = field(default_factory=lambda: [128])
     eval_examples: int = 512
@@ -41,8 +41,10 @@ class DemoSettings:
         "eidetic_per_chunk": 4, "eidetic_capacity": 16, "d_state": 4, "ssm_headdim": 32, "expand": 2,
         "mlp_ratio": 0.0, "tie_embeddings": False})  # tied embeddings stalled recall learning (docs/results.md)
     match_params_of: str = "bmojo"
-    max_steps: int = 1500
-    batch_size: int = 32
+    max_steps: int = 1000
+    batch_size: int = 64
+    eval_every: int = 100
+    target_accuracy: float | None = 0.95  # stop a run early once validation accuracy reaches this
     precision: str = "fp32"  # at this size bf16 casts cost more than they save on CPU
     learning_rates: dict[str, float] = field(default_factory=lambda: {
         "transformer": 3e-3, "swa": 3e-3, "mamba2": 3e-3, "hybrid": 3e-3, "bmojo-f": 3e-3, "bmojo": 3e-3})
@@ -80,55 +82,118 @@ def matched_model(arch: str, base: dict[str, Any], target_params: int, vocab_siz
     return best
 
 
-def run_demo(out_dir: str | Path, settings: DemoSettings, device: str | None = None,
-             progress: bool = True, archs: tuple[str, ...] = ARCHS) -> list[dict[str, Any]]:
+@dataclass
+class Variation:
+    """One setting varied across runs: ``"lr"`` or a :class:`ModelConfig` field (e.g.
+    ``eidetic_capacity``), with the values to try. Widths stay matched on the base model."""
+
+    name: str
+    values: list[Any]
+
+    def __post_init__(self) -> None:
+        allowed = {"lr"} | {f.name for f in dataclasses.fields(ModelConfig)} - {"arch", "vocab_size", "max_seq_len"}
+        if self.name not in allowed:
+            raise ValueError(f"cannot vary {self.name!r}: vary lr or a model field ({', '.join(sorted(allowed))})")
+        if not self.values:
+            raise ValueError(f"--vary {self.name}: give at least one value")
+
+    def label(self, value: Any) -> str:
+        return f"{self.name}-{value:g}" if isinstance(value, float) else f"{self.name}-{value}"
+
+
+def run_demo(out_dir: str | Path, settings: DemoSettings, device: str | None = None, progress: bool = True,
+             archs: tuple[str, ...] = ARCHS, vary: Variation | None = None) -> list[dict[str, Any]]:
+    """Train and evaluate every arch of ``archs`` (each value of ``vary``, if given) into
+    ``out_dir/<arch>/`` (``out_dir/<arch>/<name>-<value>/`` with ``vary``); write the report."""
+    unknown = [a for a in archs if a not in PRESETS]
+    if unknown:
+        raise ValueError(f"unknown architecture(s) {unknown}: choose from {list(PRESETS)}")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     vocab = settings.task_fields["vocab_size"]
     target = _param_count(ModelConfig.preset(settings.match_params_of, **settings.base_model, vocab_size=vocab))
     far_from = settings.base_model["window"] + settings.base_model["fading_span"]
-    rows = []
+    plan = []  # every run is built (and so validated) before the first one trains
     for arch in archs:
-        model = matched_model(arch, settings.base_model, target, vocab)
-        train = TrainConfig(lr=settings.learning_rates[arch], max_steps=settings.max_steps,
-                            batch_size=settings.batch_size, precision=settings.precision,
-                            warmup_steps=min(100, settings.max_steps // 10), eval_every=max(settings.max_steps // 4, 1),
-                            checkpoint_every=max(settings.max_steps // 4, 1), log_every=10)
-        run = RecallRun(task=settings.task, arch=arch, task_fields=settings.task_fields,
-                        train_lengths=settings.train_lengths, test_lengths=settings.test_lengths,
-                        eval_examples=settings.eval_examples, far_from=far_from, model=model, train=train)
-        started = time.perf_counter()
-        result, report = train_recall(run, out_dir / arch, device=device, progress=progress)
-        config = run.model_config()
-        rows.append({
-            "arch": arch, "layers": config.layer_pattern, "d_model": config.d_model,
-            "params": LanguageModel.from_pretrained(out_dir / arch).num_params(),
-            "state_bytes": LanguageModel(config).state_size_bytes(),
-            "accuracy": report.accuracy, "far_accuracy": report.far_accuracy, "far_from": far_from,
-            "by_distance": report.by_distance, "steps": result.steps, "lr": train.lr,
-            "train_time_s": time.perf_counter() - started,
-        })
-    write_outputs(out_dir, settings, rows)
+        matched = matched_model(arch, settings.base_model, target, vocab)
+        for value in (vary.values if vary else [None]):
+            model, lr = dict(matched), settings.learning_rates[arch]
+            if vary and vary.name == "lr":
+                lr = value
+            elif vary:
+                model[vary.name] = value
+            run_dir = out_dir / arch / vary.label(value) if vary else out_dir / arch
+            plan.append((_recall_run(arch, model, lr, settings, far_from), run_dir, value))
+    rows = []
+    for run, run_dir, value in plan:
+        rows.append(_train_one(run, run_dir, device, progress))
+        if vary:
+            rows[-1]["varied"] = {"name": vary.name, "value": value}
+    write_outputs(out_dir, settings, rows, vary)
     return rows
 
 
+def _recall_run(arch: str, model: dict[str, Any], lr: float, settings: DemoSettings, far_from: int) -> RecallRun:
+    train = TrainConfig(lr=lr, max_steps=settings.max_steps, batch_size=settings.batch_size,
+                        precision=settings.precision, warmup_steps=min(100, settings.max_steps // 10),
+                        eval_every=settings.eval_every, target_accuracy=settings.target_accuracy,
+                        checkpoint_every=settings.eval_every, log_every=10)
+    return RecallRun(task=settings.task, arch=arch, task_fields=settings.task_fields,
+                     train_lengths=settings.train_lengths, test_lengths=settings.test_lengths,
+                     eval_examples=settings.eval_examples, far_from=far_from, model=model, train=train)
+
+
+def _train_one(run: RecallRun, run_dir: Path, device: str | None, progress: bool) -> dict[str, Any]:
+    started = time.perf_counter()
+    result, report = train_recall(run, run_dir, device=device, progress=progress)
+    config = run.model_config()
+    return {
+        "arch": run.arch, "layers": config.layer_pattern, "d_model": config.d_model,
+        "params": LanguageModel.from_pretrained(run_dir).num_params(),
+        "state_bytes": LanguageModel(config).state_size_bytes(),
+        "accuracy": report.accuracy, "far_accuracy": report.far_accuracy, "far_from": run.far_from,
+        "by_distance": report.by_distance, "steps": result.steps, "lr": run.train.lr,
+        "train_time_s": time.perf_counter() - started, "dir": str(run_dir),
+    }
+
+
 def format_table(rows: list[dict[str, Any]]) -> str:
-    header = "| arch | layers | d_model | params | state (bytes/seq) | accuracy | far accuracy | train time |"
-    lines = [header, "|---|---|---|---:|---:|---:|---:|---:|"]
+    """Markdown table, one row per run; a column for the varied setting when there is one."""
+    varied = rows[0].get("varied", {}).get("name") if rows else None
+    header = (["arch"] + ([varied] if varied else []) +
+              ["layers", "d_model", "params", "state (bytes/seq)", "lr", "steps", "accuracy", "far accuracy",
+               "train time"])
+    lines = ["| " + " | ".join(header) + " |",
+             "|" + "|".join("---" if i < len(header) - 8 else "---:" for i in range(len(header))) + "|"]
     for r in rows:
         far = "n/a" if r["far_accuracy"] is None else f"{r['far_accuracy']:.3f}"
-        lines.append(f"| {r['arch']} | {r['layers']} | {r['d_model']} | {r['params']:,} | {r['state_bytes']:,} | "
-                     f"{r['accuracy']:.3f} | {far} | {r['train_time_s']:.0f} s |")
+        cells = ([r["arch"]] + ([str(r["varied"]["value"])] if varied else []) +
+                 [r["layers"], str(r["d_model"]), f"{r['params']:,}", f"{r['state_bytes']:,}", f"{r['lr']:g}",
+                  str(r["steps"]), f"{r['accuracy']:.3f}", far, f"{r['train_time_s']:.0f} s"])
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
-def plot_recall_vs_state(rows: list[dict[str, Any]], path: Path) -> None:
+def best_per_arch(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """The most accurate run of each arch (the first of equals)."""
+    best: dict[str, dict[str, Any]] = {}
+    for r in rows:
+        if r["arch"] not in best or r["accuracy"] > best[r["arch"]]["accuracy"]:
+            best[r["arch"]] = r
+    return best
+
+
+def _figure():
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 4))
+    return plt, *plt.subplots(figsize=(6, 4))
+
+
+def plot_recall_vs_state(rows: list[dict[str, Any]], path: Path) -> None:
+    plt, fig, ax = _figure()
     for r in rows:
         ax.scatter(r["state_bytes"], r["accuracy"], s=50)
         ax.annotate(r["arch"], (r["state_bytes"], r["accuracy"]), textcoords="offset points", xytext=(5, 5))
@@ -143,22 +208,58 @@ def plot_recall_vs_state(rows: list[dict[str, Any]], path: Path) -> None:
     plt.close(fig)
 
 
-def write_outputs(out_dir: Path, settings: DemoSettings, rows: list[dict[str, Any]]) -> None:
-    (out_dir / "results.json").write_text(json.dumps({"settings": dataclasses.asdict(settings), "rows": rows},
-                                                     indent=2))
-    plot_recall_vs_state(rows, out_dir / "recall_vs_state.png")
+def plot_accuracy_vs_varied(rows: list[dict[str, Any]], vary: Variation, path: Path) -> None:
+    """Accuracy against the varied setting, one line per arch (log x for ``lr``; categories
+    for non-numeric values)."""
+    plt, fig, ax = _figure()
+    numeric = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in vary.values)
+    for arch in dict.fromkeys(r["arch"] for r in rows):
+        mine = [r for r in rows if r["arch"] == arch]
+        xs = [r["varied"]["value"] if numeric else vary.values.index(r["varied"]["value"]) for r in mine]
+        ax.plot(xs, [r["accuracy"] for r in mine], marker="o", label=arch)
+    if vary.name == "lr":
+        ax.set_xscale("log")
+    if not numeric:
+        ax.set_xticks(range(len(vary.values)), [str(v) for v in vary.values])
+    ax.set_xlabel(vary.name)
+    ax.set_ylabel("recall accuracy (test lengths)")
+    ax.set_ylim(-0.02, 1.02)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write_outputs(out_dir: Path, settings: DemoSettings, rows: list[dict[str, Any]],
+                  vary: Variation | None = None) -> None:
+    results = {"settings": dataclasses.asdict(settings), "rows": rows}
+    plot = "recall_vs_state.png"
+    if vary:
+        results["varied"] = dataclasses.asdict(vary)
+        results["best"] = {arch: r["varied"]["value"] for arch, r in best_per_arch(rows).items()}
+        plot = f"accuracy_vs_{vary.name}.png"
+        plot_accuracy_vs_varied(rows, vary, out_dir / plot)
+    else:
+        plot_recall_vs_state(rows, out_dir / plot)
+    (out_dir / "results.json").write_text(json.dumps(results, indent=2))
     fields = ", ".join(f"{k}={v}" for k, v in settings.task_fields.items())
+    early_stop = ("" if settings.target_accuracy is None else
+                  f" (a run stops early once validation accuracy reaches {settings.target_accuracy})")
     report = [
         "# bmojo demo: transductive recall",
         "",
         f"Task `{settings.task}` ({fields}); trained on lengths {settings.train_lengths}, "
         f"tested on {settings.test_lengths} ({settings.eval_examples} examples). "
-        f"{settings.max_steps} steps of batch {settings.batch_size}; widths matched to the parameter count "
+        f"At most {settings.max_steps} steps of batch {settings.batch_size}{early_stop}; widths matched to the "
+        f"parameter count "
         f"of `{settings.match_params_of}`. Far accuracy: queries further back than window + fading span.",
         "",
         format_table(rows),
         "",
-        "![recall vs state](recall_vs_state.png)",
-        "",
     ]
+    if vary:
+        best = ", ".join(f"`{arch}`: {value}" for arch, value in results["best"].items())
+        report += [f"Best {vary.name} per arch: {best}.", ""]
+    report += [f"![{plot}]({plot})", ""]
     (out_dir / "report.md").write_text("\n".join(report))
