@@ -2,25 +2,9 @@ import json
 
 import pytest
 
-from bmojo import LanguageModel, ModelConfig
+from bmojo import LanguageModel
 from bmojo.cli import main
 from bmojo.config import PRESETS
-from bmojo.demo import DemoSettings, _param_count, matched_model
-
-
-@pytest.mark.parametrize("arch", ["transformer", "mamba2", "hybrid"])
-def test_matched_width_is_the_closest_parameter_count(arch):
-    base = DemoSettings().base_model
-    target = _param_count(ModelConfig.preset("bmojo", **base, vocab_size=256))
-    chosen = matched_model(arch, base, target, 256)
-    gap = abs(_param_count(ModelConfig.preset(arch, **chosen, vocab_size=256)) - target)
-    for d_model in range(base["n_heads"] * 2, 4 * base["d_model"] + 1, base["n_heads"] * 2):
-        try:
-            other = ModelConfig.preset(arch, **{**base, "d_model": d_model}, vocab_size=256)
-        except ValueError:
-            continue
-        assert gap <= abs(_param_count(other) - target)
-    assert gap / target < 0.2  # widths come in steps that keep heads and SSM heads whole
 
 
 def test_quick_demo_end_to_end(tmp_path, capsys):
@@ -45,9 +29,10 @@ def test_quick_demo_end_to_end(tmp_path, capsys):
 
 def test_demo_varies_one_setting_per_arch(tmp_path, capsys):
     argv = ["demo", "--quick", "--out", str(tmp_path), "--no-progress", "--archs", "bmojo",
-            "--vary", "eidetic_capacity=0,8"]
+            "--vary", "eidetic_capacity=0,8", "--max-steps", "12"]
     assert main(argv) == 0
     results = json.loads((tmp_path / "results.json").read_text())
+    assert results["settings"]["max_steps"] == 12 and all(r["steps"] == 12 for r in results["rows"])
     assert [(r["arch"], r["varied"]["value"]) for r in results["rows"]] == [("bmojo", 0), ("bmojo", 8)]
     for capacity in (0, 8):
         config = LanguageModel.from_pretrained(tmp_path / "bmojo" / f"eidetic_capacity-{capacity}").config
@@ -76,3 +61,19 @@ def test_demo_vary_flag_errors_are_one_line(capsys):
         main(["demo", "--vary", "no_such_field=1"])
     assert exit_info.value.code == 2
     assert "cannot vary 'no_such_field'" in capsys.readouterr().err
+
+
+def test_demo_rerun_reuses_finished_runs_and_resumes_interrupted_ones(tmp_path, capsys):
+    argv = ["demo", "--quick", "--out", str(tmp_path), "--no-progress", "--archs", "swa,bmojo", "--max-steps", "6"]
+    assert main(argv) == 0
+    first = json.loads((tmp_path / "results.json").read_text())["rows"]
+    swa_metrics = (tmp_path / "swa" / "metrics.jsonl").read_text()
+    (tmp_path / "bmojo" / "demo_row.json").unlink()  # as if killed after training, before its row was written
+    assert main(argv) == 0
+    second = json.loads((tmp_path / "results.json").read_text())["rows"]
+    assert (tmp_path / "swa" / "metrics.jsonl").read_text() == swa_metrics  # reused, not retrained
+    assert [(r["arch"], r["steps"], r["accuracy"]) for r in second] == [(r["arch"], r["steps"], r["accuracy"])
+                                                                        for r in first]
+    # the same directory with other settings is refused rather than overwritten
+    assert main([*argv[:-1], "8"]) == 2
+    assert "holds a run with other settings" in capsys.readouterr().err

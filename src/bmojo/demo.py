@@ -10,19 +10,19 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from bmojo.config import PRESETS, ModelConfig
 from bmojo.models.lm import LanguageModel
-from bmojo.training.recall import RecallRun, train_recall
-from bmojo.training.trainer import TrainConfig
+from bmojo.models.sizing import matched_model, param_count
+from bmojo.training.checkpoint import find_checkpoint
+from bmojo.training.recall import RUN_FILE, RecallRun, train_recall
+from bmojo.training.trainer import CHECKPOINT_DIR, TrainConfig
 
 ARCHS = tuple(PRESETS)
+ROW_FILE = "demo_row.json"  # a finished run's table row, so that a re-run of the demo reuses it
 
 
 @dataclass
@@ -60,28 +60,6 @@ class DemoSettings:
                    max_steps=30, batch_size=16)
 
 
-def _param_count(config: ModelConfig) -> int:
-    with torch.device("meta"):
-        return LanguageModel(config).num_params()
-
-
-def matched_model(arch: str, base: dict[str, Any], target_params: int, vocab_size: int) -> dict[str, Any]:
-    """``base`` with the width of ``arch`` chosen so its parameter count is closest to
-    ``target_params`` (widths that keep heads and SSM heads whole)."""
-    best, best_gap = base, None
-    step = base["n_heads"] * 2
-    for d_model in range(step, 4 * base["d_model"] + 1, step):
-        candidate = {**base, "d_model": d_model}
-        try:
-            config = ModelConfig.preset(arch, **candidate, vocab_size=vocab_size)
-        except ValueError:
-            continue
-        gap = abs(_param_count(config) - target_params)
-        if best_gap is None or gap < best_gap:
-            best, best_gap = candidate, gap
-    return best
-
-
 @dataclass
 class Variation:
     """One setting varied across runs: ``"lr"`` or a :class:`ModelConfig` field (e.g.
@@ -104,14 +82,15 @@ class Variation:
 def run_demo(out_dir: str | Path, settings: DemoSettings, device: str | None = None, progress: bool = True,
              archs: tuple[str, ...] = ARCHS, vary: Variation | None = None) -> list[dict[str, Any]]:
     """Train and evaluate every arch of ``archs`` (each value of ``vary``, if given) into
-    ``out_dir/<arch>/`` (``out_dir/<arch>/<name>-<value>/`` with ``vary``); write the report."""
+    ``out_dir/<arch>/`` (``out_dir/<arch>/<name>-<value>/`` with ``vary``); write the report.
+    Running it again on the same ``out_dir`` reuses finished runs and resumes interrupted ones."""
     unknown = [a for a in archs if a not in PRESETS]
     if unknown:
         raise ValueError(f"unknown architecture(s) {unknown}: choose from {list(PRESETS)}")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     vocab = settings.task_fields["vocab_size"]
-    target = _param_count(ModelConfig.preset(settings.match_params_of, **settings.base_model, vocab_size=vocab))
+    target = param_count(ModelConfig.preset(settings.match_params_of, **settings.base_model, vocab_size=vocab))
     far_from = settings.base_model["window"] + settings.base_model["fading_span"]
     plan = []  # every run is built (and so validated) before the first one trains
     for arch in archs:
@@ -144,17 +123,27 @@ def _recall_run(arch: str, model: dict[str, Any], lr: float, settings: DemoSetti
 
 
 def _train_one(run: RecallRun, run_dir: Path, device: str | None, progress: bool) -> dict[str, Any]:
-    started = time.perf_counter()
-    result, report = train_recall(run, run_dir, device=device, progress=progress)
+    """Train and evaluate ``run`` in ``run_dir``, or pick up what an earlier demo left there:
+    a finished run is reused as it is, an interrupted one resumes from its checkpoint."""
+    row_file = run_dir / ROW_FILE
+    started_before = (run_dir / RUN_FILE).is_file()
+    if started_before and RecallRun.load(run_dir).to_dict() != run.to_dict():
+        raise ValueError(f"{run_dir} holds a run with other settings: choose another --out")
+    if started_before and row_file.is_file():
+        return json.loads(row_file.read_text())
+    resume = started_before and find_checkpoint(run_dir / CHECKPOINT_DIR) is not None
+    result, report = train_recall(run, run_dir, resume=resume, device=device, progress=progress)
     config = run.model_config()
-    return {
+    row = {
         "arch": run.arch, "layers": config.layer_pattern, "d_model": config.d_model,
         "params": LanguageModel.from_pretrained(run_dir).num_params(),
         "state_bytes": LanguageModel(config).state_size_bytes(),
         "accuracy": report.accuracy, "far_accuracy": report.far_accuracy, "far_from": run.far_from,
         "by_distance": report.by_distance, "steps": result.steps, "lr": run.train.lr,
-        "train_time_s": time.perf_counter() - started, "dir": str(run_dir),
+        "train_time_s": result.elapsed_s, "dir": str(run_dir),
     }
+    row_file.write_text(json.dumps(row, indent=2))
+    return row
 
 
 def format_table(rows: list[dict[str, Any]]) -> str:
