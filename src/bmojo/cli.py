@@ -1,4 +1,4 @@
-"""The `bmojo` command line: `demo`, `train`, `eval`, `inspect`, `smoke`."""
+"""The `bmojo` command line: `demo`, `data`, `train`, `eval`, `generate`, `inspect`, `smoke`."""
 
 from __future__ import annotations
 
@@ -13,13 +13,14 @@ from typing import Any
 import torch
 
 from bmojo import __version__
-from bmojo.config import PRESETS, ModelConfig
+from bmojo.config import LM_SIZES, PRESETS, ModelConfig
 from bmojo.data.synthetic import TASKS
 from bmojo.training.trainer import TrainConfig, TrainingDiverged
 
 # Fields the run sets itself: the vocabulary comes from the task, the context from the test lengths.
 MODEL_FIELDS_SET_BY_RUN = {"arch", "vocab_size", "max_seq_len"}
 TASK_FIELDS_SET_BY_RUN = {"seq_len"}
+LM_RUN_FLAGS = ("data", "size", "seq_len", "eval_tokens")  # run fields of --task lm
 
 
 def positive_int(text: str) -> int:
@@ -112,51 +113,110 @@ def _read_config_file(path: str) -> dict[str, Any]:
 def _run_from_args(args: argparse.Namespace) -> dict[str, Any]:
     """The run spec: the config file, then every flag given on the command line."""
     spec = _read_config_file(args.config) if args.config else {}
-    for key in ("task", "arch", "train_lengths", "test_lengths", "eval_examples"):
+    for key in ("task", "arch", "train_lengths", "test_lengths", "eval_examples", *LM_RUN_FLAGS):
         if getattr(args, key) is not None:
             spec[key] = getattr(args, key)
+    lm = spec.get("task") == "lm"
+    flags_of_other_task = LM_RUN_FLAGS if not lm else ("train_lengths", "test_lengths", "eval_examples")
+    misplaced = [key for key in flags_of_other_task if spec.get(key) is not None]
     for section, key in (("model", "model"), ("training", "train"), ("task", "task_fields")):
         given = {name.split(".", 1)[1]: value for name, value in vars(args).items()
                  if name.startswith(f"{section}.") and value is not None}
+        if lm and section == "task":
+            misplaced += list(given)
+            continue
         spec[key] = {**spec.get(key, {}), **given}
+    if misplaced:
+        kind = "synthetic recall tasks" if lm else "--task lm"
+        raise ValueError(f"{', '.join(sorted(misplaced))}: only for {kind}")
+    if lm and not spec.get("data"):
+        raise ValueError("--task lm needs --data DIR (made by bmojo data prepare)")
     return spec
 
 
-def cmd_train(args: argparse.Namespace) -> int:
+def _train_one(args: argparse.Namespace, spec: dict[str, Any], run_dir: Path) -> dict[str, Any]:
+    """Train the run ``spec`` into ``run_dir``; its summary for a sweep table."""
+    if spec.get("task") == "lm":
+        from bmojo.training.lm import LMRun, train_lm
+
+        run = LMRun.from_dict(spec)
+        print(f"training {run.arch} ({run.model_config().layer_pattern} layers, size {run.size}) on {run.data} "
+              f"(lr {run.train.lr:g}) -> {run_dir}", file=sys.stderr)
+        result = train_lm(run, run_dir, resume=args.resume, device=args.device, progress=not args.no_progress)
+        ppl = result.eval_metrics.get("ppl", float("nan"))
+        print(f"validation perplexity {ppl:.3f} after {result.steps} steps")
+        return {"steps": result.steps, "val_ppl": ppl}
     from bmojo.training.recall import RecallRun, train_recall
 
+    run = RecallRun.from_dict(spec)
+    print(f"training {run.arch} on {run.task} (lr {run.train.lr:g}, {run.model_config().layer_pattern} layers) "
+          f"-> {run_dir}", file=sys.stderr)
+    result, report = train_recall(run, run_dir, resume=args.resume, device=args.device,
+                                  progress=not args.no_progress)
+    print(report.format())
+    return {"steps": result.steps, "accuracy": report.accuracy, "far_accuracy": report.far_accuracy}
+
+
+def cmd_train(args: argparse.Namespace) -> int:
     spec = _run_from_args(args)
     lrs = args.lr or [spec.get("train", {}).get("lr", TrainConfig.lr)]
     out = Path(args.out)
     results = []
     for lr in lrs:
-        run = RecallRun.from_dict({**spec, "train": {**spec.get("train", {}), "lr": lr}})
         run_dir = out if len(lrs) == 1 else out / f"lr-{lr:g}"
-        print(f"training {run.arch} on {run.task} (lr {lr:g}, {run.model_config().layer_pattern} layers) "
-              f"-> {run_dir}", file=sys.stderr)
         try:
-            result, report = train_recall(run, run_dir, resume=args.resume, device=args.device,
-                                          progress=not args.no_progress)
+            summary = _train_one(args, {**spec, "train": {**spec.get("train", {}), "lr": lr}}, run_dir)
         except TrainingDiverged as err:
             print(f"error: {err}", file=sys.stderr)
             if len(lrs) == 1:
                 return 1
             continue
-        print(report.format())
-        results.append({"lr": lr, "dir": str(run_dir), "steps": result.steps, "accuracy": report.accuracy,
-                        "far_accuracy": report.far_accuracy})
+        results.append({"lr": lr, "dir": str(run_dir), **summary})
     if len(lrs) > 1:
         if not results:
             print("error: every learning rate diverged", file=sys.stderr)
             return 1
-        best = max(results, key=lambda r: r["accuracy"])
-        print(f"\n{'lr':>10} {'steps':>7} {'accuracy':>9} {'far acc':>8}")
+        lm = spec.get("task") == "lm"
+        best = min(results, key=lambda r: r["val_ppl"]) if lm else max(results, key=lambda r: r["accuracy"])
+        columns = ["val_ppl"] if lm else ["accuracy", "far_accuracy"]
+        print("\n" + f"{'lr':>10} {'steps':>7} " + " ".join(f"{c:>12}" for c in columns))
         for r in results:
-            far = "-" if r["far_accuracy"] is None else f"{r['far_accuracy']:.3f}"
-            mark = "  <- best" if r is best else ""
-            print(f"{r['lr']:>10g} {r['steps']:>7} {r['accuracy']:>9.3f} {far:>8}{mark}")
+            cells = " ".join(f"{'-' if r[c] is None else format(r[c], '.3f'):>12}" for c in columns)
+            print(f"{r['lr']:>10g} {r['steps']:>7} {cells}{'  <- best' if r is best else ''}")
         (out / "sweep.json").write_text(json.dumps({"arch": spec.get("arch"), "results": results, "best": best},
                                                    indent=2))
+    return 0
+
+
+def cmd_eval_lm(args: argparse.Namespace) -> int:
+    from bmojo.data.shards import TokenShards
+    from bmojo.evaluation.perplexity import perplexity_at, plot_perplexity
+    from bmojo.models.lm import LanguageModel
+
+    if not args.data or not args.lengths:
+        raise ValueError("--task lm needs --data DIR and --lengths A,B,...")
+    shards = TokenShards(args.data)
+    stream = shards.tokens("val")
+    curves, train_lengths, table = {}, {}, {}
+    for ckpt in args.ckpt:
+        model = LanguageModel.from_pretrained(ckpt, device=args.device or "cpu")
+        if model.config.vocab_size != shards.meta["vocab_size"]:
+            raise ValueError(f"{ckpt} has vocabulary {model.config.vocab_size}, {args.data} has "
+                             f"{shards.meta['vocab_size']}: not the same tokenizer")
+        run_file = Path(ckpt) / "run.json"
+        if run_file.is_file():
+            train_lengths[ckpt] = json.loads(run_file.read_text()).get("seq_len")
+        curves[ckpt] = []
+        for length in args.lengths:
+            result = perplexity_at(model, stream, length, max_tokens=args.max_tokens)
+            curves[ckpt].append(result)
+            print(f"{ckpt}  length {length:>7,}  tokens {result.tokens:>9,}  perplexity {result.perplexity:.4f}")
+        table[ckpt] = {str(r.context): {"tokens": r.tokens, "ppl": r.perplexity} for r in curves[ckpt]}
+    png = Path(args.png) if args.png else Path(args.ckpt[0]) / "perplexity_vs_length.png"
+    plot_perplexity(curves, png, {k: v for k, v in train_lengths.items() if v})
+    print(f"plot: {png}")
+    if args.json:
+        print(json.dumps({"data": args.data, "results": table}))
     return 0
 
 
@@ -164,6 +224,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from bmojo.models.lm import LanguageModel
     from bmojo.training.recall import RecallRun, evaluate_run
 
+    if args.task == "lm":
+        return cmd_eval_lm(args)
+    if len(args.ckpt) != 1:
+        raise ValueError("several --ckpt are for --task lm; evaluate recall checkpoints one at a time")
+    args.ckpt = args.ckpt[0]
     model = LanguageModel.from_pretrained(args.ckpt)
     saved = RecallRun.load(args.ckpt).to_dict() if (Path(args.ckpt) / "run.json").is_file() else {}
     spec = {**saved, "arch": model.config.arch, "model": model.config.to_dict()}
@@ -206,6 +271,31 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_generate(args: argparse.Namespace) -> int:
+    from bmojo.data.tokenizer import load_tokenizer
+    from bmojo.models.lm import LanguageModel
+    from bmojo.models.sampling import stream_generate
+
+    model = LanguageModel.from_pretrained(args.ckpt, device=args.device or "cpu").eval()
+    tokenizer = load_tokenizer(args.ckpt)
+    prompt = tokenizer.encode(args.prompt)
+    if not prompt:
+        raise ValueError("--prompt is empty: give at least one character")
+    print(args.prompt, end="", flush=True)
+    new_ids: list[int] = []
+    shown = ""
+    tokens = torch.tensor([prompt])
+    for token in stream_generate(model, tokens, args.max_new_tokens, args.temperature, args.top_k, args.top_p,
+                                 args.seed):
+        new_ids.append(int(token[0]))
+        text = tokenizer.decode(new_ids)
+        if not text.endswith("\ufffd"):  # hold back a character whose bytes are still coming
+            print(text[len(shown):], end="", flush=True)
+            shown = text
+    print(tokenizer.decode(new_ids)[len(shown):])
+    return 0
+
+
 def cmd_smoke(args: argparse.Namespace) -> int:
     from bmojo.smoke import format_table, smoke_all
 
@@ -239,6 +329,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from bmojo.demo import DemoSettings, format_table, run_demo
 
     settings = DemoSettings.quick() if args.quick else DemoSettings()
+    if args.max_steps is not None:
+        settings.max_steps = args.max_steps
     archs = tuple(args.archs.split(",")) if args.archs else tuple(PRESETS)
     rows = run_demo(args.out, settings, device=args.device, progress=not args.no_progress, archs=archs,
                     vary=args.vary)
@@ -255,6 +347,8 @@ def build_parser() -> argparse.ArgumentParser:
                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     demo.add_argument("--quick", action="store_true", help="tiny models and few steps (about a minute)")
     demo.add_argument("--out", default="runs/demo", help="output directory")
+    demo.add_argument("--max-steps", type=positive_int, default=None,
+                      help="training steps per run; none: the settings' budget (1000, or 30 with --quick)")
     demo.add_argument("--archs", default=None, help="comma list of architectures; none: all six")
     demo.add_argument("--vary", type=_variation, default=None, metavar="NAME=V1,V2,...",
                       help="train each arch once per value of lr or of a model field, e.g. "
@@ -283,7 +377,8 @@ def build_parser() -> argparse.ArgumentParser:
     train = sub.add_parser("train", help="train a model on a synthetic recall task",
                            description="Train one architecture on a recall task and evaluate it on longer "
                                        "test sequences. Flags override the --config file.")
-    train.add_argument("--task", choices=list(TASKS), default=None, help="default: mqar")
+    train.add_argument("--task", choices=[*TASKS, "lm"], default=None,
+                       help="a synthetic recall task or lm (language modelling on --data); default: mqar")
     train.add_argument("--arch", choices=list(PRESETS), default=None, help="default: bmojo")
     train.add_argument("--config", default=None, help="JSON (or YAML) file with run fields")
     train.add_argument("--out", default="runs/train", help="output directory (default: runs/train)")
@@ -295,6 +390,13 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--lr", type=_float_list, default=None,
                        help=f"learning rate; a comma list runs a sweep (default: {TrainConfig.lr})")
     train.add_argument("--no-progress", action="store_true", help="no progress bar")
+    lm_group = train.add_argument_group("language modelling (--task lm)")
+    lm_group.add_argument("--data", default=None, help="token shards directory (from bmojo data prepare)")
+    lm_group.add_argument("--size", choices=list(LM_SIZES), default=None,
+                          help="model shapes, widths matched across archs (default: laptop)")
+    lm_group.add_argument("--seq-len", type=positive_int, default=None, help="training window (default: 256)")
+    lm_group.add_argument("--eval-tokens", type=positive_int, default=None,
+                          help="validation tokens per evaluation (default: 32768)")
     model_group = train.add_argument_group("model")
     _add_fields(model_group, _field_specs(ModelConfig, MODEL_FIELDS_SET_BY_RUN))
     training_group = train.add_argument_group("training")
@@ -303,14 +405,34 @@ def build_parser() -> argparse.ArgumentParser:
     _add_fields(task_group, _task_field_specs(), as_list=True)
     train.set_defaults(func=cmd_train)
 
-    evaluate = sub.add_parser("eval", help="evaluate a checkpoint on a recall task")
-    evaluate.add_argument("--ckpt", required=True, help="checkpoint directory (from bmojo train)")
-    evaluate.add_argument("--task", choices=list(TASKS), default=None, help="default: the task it was trained on")
+    evaluate = sub.add_parser("eval", help="evaluate a checkpoint: recall accuracy, or perplexity by context length")
+    evaluate.add_argument("--ckpt", required=True, action="append",
+                          help="checkpoint directory (from bmojo train); repeat it to compare (--task lm)")
+    evaluate.add_argument("--task", choices=[*TASKS, "lm"], default=None,
+                          help="default: the task it was trained on")
+    evaluate.add_argument("--data", default=None, help="--task lm: token shards (validation split is used)")
+    evaluate.add_argument("--lengths", type=_int_list, default=None, help="--task lm: context lengths A,B,...")
+    evaluate.add_argument("--max-tokens", type=positive_int, default=262144,
+                          help="--task lm: predicted tokens per length at most")
+    evaluate.add_argument("--png", default=None,
+                          help="--task lm: plot path (default: FIRST_CKPT/perplexity_vs_length.png)")
     evaluate.add_argument("--test-lengths", type=_int_list, default=None, help="default: the run's")
     evaluate.add_argument("--eval-examples", type=positive_int, default=None, help="default: the run's")
     evaluate.add_argument("--device", default=None)
-    evaluate.add_argument("--json", action="store_true", help="print the report as JSON on the last line")
+    evaluate.add_argument("--json", action="store_true", help="print the results as JSON on the last line")
     evaluate.set_defaults(func=cmd_eval)
+
+    generate = sub.add_parser("generate", help="stream text from a language-model checkpoint",
+                              formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    generate.add_argument("--ckpt", required=True, help="checkpoint directory (from bmojo train --task lm)")
+    generate.add_argument("--prompt", required=True, help="text to continue")
+    generate.add_argument("--max-new-tokens", type=positive_int, default=200, help="tokens to generate")
+    generate.add_argument("--temperature", type=float, default=0.8, help="0 is greedy")
+    generate.add_argument("--top-k", type=positive_int, default=None, help="sample among the k most likely")
+    generate.add_argument("--top-p", type=float, default=None, help="nucleus sampling mass")
+    generate.add_argument("--seed", type=int, default=None, help="sampling seed (reproducible output)")
+    generate.add_argument("--device", default=None, help="torch device; none: cpu")
+    generate.set_defaults(func=cmd_generate)
     return parser
 
 

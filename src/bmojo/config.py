@@ -182,3 +182,15 @@ class ModelConfig:
     @classmethod
     def from_json(cls, text: str) -> ModelConfig:
         return cls.from_dict(json.loads(text))
+
+
+# Base shapes per size, for B'MOJO; the other architectures get the width that matches its
+# parameter count (bmojo.models.sizing). "laptop" trains on a CPU; the others are for GPUs.
+LM_SIZES: dict[str, dict[str, Any]] = {
+    "laptop": {"d_model": 256, "n_layers": 4, "n_heads": 4, "window": 64, "fading_span": 64, "chunk_size": 64,
+               "eidetic_per_chunk": 4, "eidetic_capacity": 64, "d_state": 16, "ssm_headdim": 32, "mlp_ratio": 4.0},
+    "125m": {"d_model": 768, "n_layers": 12, "n_heads": 12, "window": 512, "fading_span": 512, "chunk_size": 64,
+             "eidetic_per_chunk": 4, "eidetic_capacity": 256, "d_state": 64, "ssm_headdim": 64, "mlp_ratio": 4.0},
+    "350m": {"d_model": 1024, "n_layers": 24, "n_heads": 16, "window": 512, "fading_span": 512, "chunk_size": 64,
+             "eidetic_per_chunk": 4, "eidetic_capacity": 256, "d_state": 64, "ssm_headdim": 64, "mlp_ratio": 4.0},
+}

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import torch
 from torch import Tensor
 
@@ -35,3 +37,31 @@ def sample_next_token(
         logits = logits.masked_fill(drop, float("-inf"))
     probs = torch.softmax(logits, dim=-1)
     return torch.multinomial(probs, 1, generator=generator)[:, 0]
+
+
+@torch.no_grad()
+def stream_generate(
+    model,
+    tokens: Tensor,
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    seed: int | None = None,
+) -> Iterator[Tensor]:
+    """Prefill ``tokens [B, L]`` once into a fresh fixed-size cache, then yield each new token
+    ``[B]`` as soon as it is sampled; each step costs the same whatever the context length
+    (DESIGN.md §7). ``model`` is a :class:`bmojo.models.lm.LanguageModel`."""
+    if max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    tokens = tokens.to(model.embed.weight.device)
+    cache = model.new_cache(tokens.shape[0])
+    logits = model(tokens, cache).logits[:, -1]  # [B, V]
+    generator = None
+    if seed is not None:
+        generator = torch.Generator(device=tokens.device).manual_seed(seed)
+    for i in range(max_new_tokens):
+        token = sample_next_token(logits, temperature, top_k, top_p, generator)
+        yield token
+        if i + 1 < max_new_tokens:
+            logits = model.step(token, cache)

@@ -1,0 +1,83 @@
+"""Perplexity of a language model at several context lengths (length generalisation).
+
+A token stream is cut into consecutive windows of ``context`` tokens; every token of a
+window is predicted from the tokens before it *in that window*, so the perplexity at
+length ``L`` averages over positions ``0 .. L-1`` of windows of length ``L``. Windows are
+run in batches whose total size is bounded (``max_batch_tokens``), so memory stays bounded
+by the longest window, not by the stream.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from bmojo.models.lm import LanguageModel
+
+
+@dataclass
+class PerplexityResult:
+    context: int
+    tokens: int  # predicted tokens the average runs over
+    loss: float  # mean negative log-likelihood per token (nats)
+
+    @property
+    def perplexity(self) -> float:
+        return math.exp(self.loss)
+
+
+@torch.no_grad()
+def perplexity_at(model: LanguageModel, stream: Tensor, context: int, max_tokens: int | None = None,
+                  max_batch_tokens: int = 65536, precision: str = "fp32") -> PerplexityResult:
+    """Perplexity on ``stream [N]`` (token ids) with windows of ``context + 1`` tokens (the
+    ``context`` inputs and their next tokens), at most ``max_tokens`` predicted tokens."""
+    if context < 1:
+        raise ValueError(f"context length must be >= 1, got {context}")
+    num_windows = (stream.numel() - 1) // context
+    if max_tokens is not None:
+        num_windows = min(num_windows, max(1, max_tokens // context))
+    if num_windows < 1:
+        raise ValueError(f"{stream.numel():,} tokens are too few for one window of {context + 1}")
+    device = next(model.parameters()).device
+    model.eval()
+    per_batch = max(1, max_batch_tokens // context)
+    total_nll, total_tokens = 0.0, 0
+    for first in range(0, num_windows, per_batch):
+        count = min(per_batch, num_windows - first)
+        starts = (torch.arange(first, first + count) * context)[:, None]  # [b, 1]
+        windows = stream[starts + torch.arange(context + 1)].long().to(device)  # [b, context + 1]
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+            logits = model(windows[:, :-1]).logits  # [b, context, V]
+        nll = F.cross_entropy(logits.float().flatten(0, 1), windows[:, 1:].flatten(), reduction="sum")
+        total_nll += nll.item()
+        total_tokens += count * context
+    return PerplexityResult(context, total_tokens, total_nll / total_tokens)
+
+
+def plot_perplexity(curves: dict[str, list[PerplexityResult]], path: str | Path,
+                    train_lengths: dict[str, int] | None = None) -> None:
+    """Perplexity against context length (log-2 x axis), one line per checkpoint; each
+    checkpoint's training length marked by a dotted vertical line of its colour."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    for name, results in curves.items():
+        line, = ax.plot([r.context for r in results], [r.perplexity for r in results], marker="o", label=name)
+        if train_lengths and name in train_lengths:
+            ax.axvline(train_lengths[name], color=line.get_color(), linestyle=":", alpha=0.7)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("context length (tokens); dotted: training length")
+    ax.set_ylabel("perplexity")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
