@@ -141,6 +141,11 @@ def test_early_stop_at_target_accuracy(tmp_path):
                       tmp_path, evaluate=lambda m: {"accuracy": 0.95}, progress=False)
     result = trainer.fit()
     assert result.stopped_early and result.steps == 5
+    # resuming a run that stopped at its target does not train further
+    resumed = Trainer(tiny_model(), train_config(max_steps=50, eval_every=5, target_accuracy=0.9), copy_batches,
+                      tmp_path, evaluate=lambda m: {"accuracy": 0.95}, progress=False)
+    result = resumed.fit(resume=True)
+    assert result.stopped_early and result.steps == 5
 
 
 def test_interrupted_checkpoint_swap_falls_back_to_the_old_copy(tmp_path):

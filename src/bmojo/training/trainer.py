@@ -224,11 +224,11 @@ class Trainer:
         if resume:
             self.resume()
         last: dict[str, float] = {"loss": math.nan, "accuracy": math.nan}
-        stopped_early = False
+        stopped_early = resume and self._target_reached()  # it had stopped there: nothing left to do
         bar = tqdm(total=cfg.max_steps, initial=self.step, disable=not self.progress, unit="step",
                    dynamic_ncols=True)
         window_tokens, window_start = 0, time.perf_counter()
-        while self.step < cfg.max_steps:
+        while self.step < cfg.max_steps and not stopped_early:
             started = time.perf_counter()
             metrics = self.train_step()
             self.elapsed_s += time.perf_counter() - started
