@@ -29,6 +29,13 @@ PRESETS = {
     "bmojo": "B",
 }
 
+# The Hugging Face bookkeeping of a checkpoint's config.json (bmojo.hf). `ModelConfig.to_json` writes the model type
+# and architecture, so that every checkpoint directory is also a transformers model directory; transformers adds its
+# version and the weights' dtype when it saves one. None of them is a model field.
+HF_MODEL_TYPE = "bmojo"
+HF_ARCHITECTURE = "BMojoForCausalLM"
+HF_CONFIG_KEYS = frozenset({"model_type", "architectures", "transformers_version", "dtype"})
+
 
 @dataclass
 class ModelConfig:
@@ -177,11 +184,22 @@ class ModelConfig:
         return from_dict_strict(cls, data)
 
     def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+        """The ``config.json`` of a checkpoint: the model fields plus the Hugging Face model type and
+        architecture (:data:`HF_CONFIG_KEYS`)."""
+        return json.dumps({**self.to_dict(), "model_type": HF_MODEL_TYPE, "architectures": [HF_ARCHITECTURE]},
+                          indent=2, sort_keys=True)
 
     @classmethod
     def from_json(cls, text: str) -> ModelConfig:
-        return cls.from_dict(json.loads(text))
+        """Read a ``config.json`` written by :meth:`to_json` or by transformers (``bmojo.hf``), or one without
+        Hugging Face keys (older checkpoints). Unknown model fields are refused, as in :meth:`from_dict`."""
+        data = json.loads(text)
+        if not isinstance(data, dict):
+            raise TypeError(f"a config must be a JSON object, got {type(data).__name__}")
+        model_type = data.get("model_type", HF_MODEL_TYPE)
+        if model_type != HF_MODEL_TYPE:
+            raise ValueError(f"model_type={model_type!r}: not a bmojo config (expected {HF_MODEL_TYPE!r})")
+        return cls.from_dict({key: value for key, value in data.items() if key not in HF_CONFIG_KEYS})
 
 
 # Base shapes per size, for B'MOJO; the other architectures get the width that matches its

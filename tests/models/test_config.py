@@ -1,4 +1,5 @@
 import dataclasses
+import json
 
 import pytest
 
@@ -89,3 +90,18 @@ def test_unknown_preset_and_fields():
         ModelConfig.preset("gpt")
     with pytest.raises(ValueError, match="unknown ModelConfig fields"):
         ModelConfig.from_dict({"d_model": 64, "colour": "red"})
+
+
+def test_config_json_carries_the_hugging_face_keys():
+    cfg = ModelConfig.preset("bmojo", d_model=64)
+    data = json.loads(cfg.to_json())
+    assert data["model_type"] == "bmojo" and data["architectures"] == ["BMojoForCausalLM"]
+    written_by_transformers = {**data, "transformers_version": "5.24.0", "dtype": "float32"}
+    assert ModelConfig.from_json(json.dumps(written_by_transformers)) == cfg
+    assert ModelConfig.from_json(json.dumps(cfg.to_dict())) == cfg  # older checkpoints: no Hugging Face keys
+    with pytest.raises(ValueError, match=r"unknown ModelConfig fields \['colour'\]"):
+        ModelConfig.from_json(json.dumps({**written_by_transformers, "colour": "red"}))
+    with pytest.raises(ValueError, match="model_type='llama'"):
+        ModelConfig.from_json(json.dumps({**data, "model_type": "llama"}))
+    with pytest.raises(ValueError, match="unknown ModelConfig fields"):
+        ModelConfig.from_dict(data)  # the dictionary form holds model fields only
