@@ -20,7 +20,7 @@ from bmojo.layers.mamba2 import Mamba2Mixer
 from bmojo.layers.mlp import SwiGLU
 from bmojo.layers.norm import RMSNorm
 from bmojo.models.cache import ModelCache
-from bmojo.models.sampling import sample_next_token
+from bmojo.models.sampling import stream_generate
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -178,20 +178,8 @@ class LanguageModel(nn.Module):
     ) -> Tensor:
         """Prefill ``tokens [B, L]`` once, then decode ``max_new_tokens`` through the cache.
         Returns ``[B, L + max_new_tokens]``."""
-        if max_new_tokens < 0:
-            raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+        new_tokens = stream_generate(self, tokens, max_new_tokens, temperature, top_k, top_p, seed)
         tokens = tokens.to(self.embed.weight.device)
-        cache = self.new_cache(tokens.shape[0])
-        logits = self.forward(tokens, cache).logits[:, -1]
-        generator = None
-        if seed is not None:
-            generator = torch.Generator(device=tokens.device).manual_seed(seed)
-        new_tokens = []
-        for i in range(max_new_tokens):
-            token = sample_next_token(logits, temperature, top_k, top_p, generator)
-            new_tokens.append(token)
-            if i + 1 < max_new_tokens:
-                logits = self.step(token, cache)
         return torch.cat([tokens, *(t[:, None] for t in new_tokens)], dim=1)
 
     def state_size_bytes(self) -> int:
