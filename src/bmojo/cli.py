@@ -14,6 +14,7 @@ import torch
 
 from bmojo import __version__
 from bmojo.config import LM_SIZES, PRESETS, ModelConfig
+from bmojo.data.prepare import add_data_parser
 from bmojo.data.synthetic import TASKS
 from bmojo.training.trainer import TrainConfig, TrainingDiverged
 
@@ -200,9 +201,9 @@ def cmd_eval_lm(args: argparse.Namespace) -> int:
     curves, train_lengths, table = {}, {}, {}
     for ckpt in args.ckpt:
         model = LanguageModel.from_pretrained(ckpt, device=args.device or "cpu")
-        if model.config.vocab_size != shards.meta["vocab_size"]:
+        if model.config.vocab_size != shards.vocab_size:
             raise ValueError(f"{ckpt} has vocabulary {model.config.vocab_size}, {args.data} has "
-                             f"{shards.meta['vocab_size']}: not the same tokenizer")
+                             f"{shards.vocab_size}: not the same tokenizer")
         run_file = Path(ckpt) / "run.json"
         if run_file.is_file():
             train_lengths[ckpt] = json.loads(run_file.read_text()).get("seq_len")
@@ -356,6 +357,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--device", default=None, help="torch device; none: cuda if available, else cpu")
     demo.add_argument("--no-progress", action="store_true", help="no progress bars")
     demo.set_defaults(func=cmd_demo)
+
+    add_data_parser(sub)
 
     inspect = sub.add_parser("inspect", help="show what a B'MOJO checkpoint holds in eidetic memory")
     inspect.add_argument("--ckpt", required=True, help="checkpoint directory (from bmojo train)")

@@ -13,6 +13,7 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -32,25 +33,28 @@ class PerplexityResult:
 
 
 @torch.no_grad()
-def perplexity_at(model: LanguageModel, stream: Tensor, context: int, max_tokens: int | None = None,
+def perplexity_at(model: LanguageModel, stream: Tensor | np.ndarray, context: int, max_tokens: int | None = None,
                   max_batch_tokens: int = 65536, precision: str = "fp32") -> PerplexityResult:
-    """Perplexity on ``stream [N]`` (token ids) with windows of ``context + 1`` tokens (the
-    ``context`` inputs and their next tokens), at most ``max_tokens`` predicted tokens."""
+    """Perplexity on ``stream [N]`` (token ids: a tensor, or an array such as the memory map
+    of a token shard, read one batch of windows at a time) with windows of ``context + 1``
+    tokens (the ``context`` inputs and their next tokens), at most ``max_tokens`` predicted."""
     if context < 1:
         raise ValueError(f"context length must be >= 1, got {context}")
-    num_windows = (stream.numel() - 1) // context
+    num_windows = (len(stream) - 1) // context
     if max_tokens is not None:
         num_windows = min(num_windows, max(1, max_tokens // context))
     if num_windows < 1:
-        raise ValueError(f"{stream.numel():,} tokens are too few for one window of {context + 1}")
+        raise ValueError(f"{len(stream):,} tokens are too few for one window of {context + 1}")
     device = next(model.parameters()).device
     model.eval()
     per_batch = max(1, max_batch_tokens // context)
     total_nll, total_tokens = 0.0, 0
     for first in range(0, num_windows, per_batch):
         count = min(per_batch, num_windows - first)
-        starts = (torch.arange(first, first + count) * context)[:, None]  # [b, 1]
-        windows = stream[starts + torch.arange(context + 1)].long().to(device)  # [b, context + 1]
+        segment = stream[first * context: (first + count) * context + 1]  # consecutive windows share one token
+        segment = torch.as_tensor(np.asarray(segment, dtype=np.int64) if isinstance(segment, np.ndarray)
+                                  else segment.long())
+        windows = segment.unfold(0, context + 1, context).to(device)  # [b, context + 1]
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
             logits = model(windows[:, :-1]).logits  # [b, context, V]
         nll = F.cross_entropy(logits.float().flatten(0, 1), windows[:, 1:].flatten(), reduction="sum")

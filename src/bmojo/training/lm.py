@@ -47,10 +47,12 @@ class LMRun:
         return TokenShards(self.data)
 
     def model_config(self) -> ModelConfig:
-        vocab = self.shards().meta["vocab_size"]
+        vocab = self.shards().vocab_size
         base = LM_SIZES[self.size]
-        target = param_count(ModelConfig.preset("bmojo", **base, vocab_size=vocab))
-        shapes = matched_model(self.arch, base, target, vocab)
+        shapes = base
+        if "d_model" not in self.model:  # the size's width, matched to B'MOJO's parameter count
+            target = param_count(ModelConfig.preset("bmojo", **base, vocab_size=vocab))
+            shapes = matched_model(self.arch, base, target, vocab)
         return ModelConfig.preset(self.arch, **{**shapes, **self.model, "vocab_size": vocab,
                                                 "max_seq_len": self.seq_len})
 

@@ -1,0 +1,90 @@
+"""Language modelling end to end through the command line: data prepare -> train --task lm
+-> eval --task lm -> generate (tiny models, a corpus made of this repository's docs)."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from bmojo import LanguageModel
+from bmojo.cli import main
+from bmojo.data.shards import TokenShards
+from bmojo.training.lm import LMRun
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = ["--d-model", "32", "--n-layers", "2", "--n-heads", "2", "--window", "8", "--fading-span", "8",
+        "--chunk-size", "8", "--eidetic-per-chunk", "2", "--eidetic-capacity", "8", "--d-state", "8",
+        "--ssm-headdim", "16", "--mlp-ratio", "2", "--seq-len", "32", "--batch-size", "4", "--eval-every", "4",
+        "--eval-tokens", "512", "--precision", "fp32", "--no-progress"]
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("lm") / "data"
+    assert main(["data", "prepare", "--input", str(REPO / "README.md"), str(REPO / "docs"), "--out", str(out),
+                 "--no-progress"]) == 0
+    return out
+
+
+def test_train_eval_generate(data_dir, tmp_path, capsys):
+    ckpts = []
+    for arch in ("bmojo", "swa"):
+        out = tmp_path / arch
+        assert main(["train", "--task", "lm", "--data", str(data_dir), "--arch", arch, "--out", str(out),
+                     "--max-steps", "8", *TINY]) == 0
+        assert "validation perplexity" in capsys.readouterr().out
+        run = json.loads((out / "run.json").read_text())
+        assert run["task"] == "lm" and run["seq_len"] == 32 and run["model"]["d_model"] == 32
+        assert (out / "tokenizer.json").is_file()  # the checkpoint carries its tokenizer
+        metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        assert [m["step"] for m in metrics if "eval_ppl" in m] == [4, 8]
+        ckpts.append(str(out))
+    argv = ["eval", "--task", "lm", "--data", str(data_dir), "--lengths", "16,64", "--max-tokens", "256", "--json"]
+    for ckpt in ckpts:
+        argv += ["--ckpt", ckpt]
+    assert main(argv) == 0
+    results = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["results"]
+    assert set(results) == set(ckpts)
+    for per_length in results.values():
+        assert set(per_length) == {"16", "64"}
+        assert all(1 < r["ppl"] < 1e4 and r["tokens"] > 0 for r in per_length.values())
+    assert (Path(ckpts[0]) / "perplexity_vs_length.png").read_bytes()[:4] == b"\x89PNG"
+
+    assert main(["generate", "--ckpt", ckpts[0], "--prompt", "B'MOJO", "--max-new-tokens", "12", "--seed", "3"]) == 0
+    first = capsys.readouterr().out
+    assert main(["generate", "--ckpt", ckpts[0], "--prompt", "B'MOJO", "--max-new-tokens", "12", "--seed", "3"]) == 0
+    assert capsys.readouterr().out == first and first.startswith("B'MOJO")  # seeded: reproducible
+
+
+def test_training_windows_are_next_token_pairs(data_dir):
+    shards = TokenShards(data_dir)
+    window = shards.batch("train", 0, 2, 16, seed=0)
+    pieces = np.lib.stride_tricks.sliding_window_view(np.asarray(shards.tokens("train"), dtype=np.int64), 17)
+    for row in window:  # every window is a contiguous piece of the training stream
+        assert (pieces == row.numpy()).all(axis=1).any()
+    run = LMRun(data=str(data_dir), arch="transformer", seq_len=16, model={"d_model": 32, "n_layers": 1, "n_heads": 2})
+    model = LanguageModel(run.model_config())
+    assert model.config.vocab_size == shards.vocab_size == 257 and model.config.max_seq_len == 16
+    assert torch.equal(window, shards.batch("train", 0, 2, 16, seed=0))
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["train", "--task", "lm", "--out", "x"], "--task lm needs --data"),
+    (["train", "--task", "lm", "--data", "d", "--num-kv-pairs", "4"], "num_kv_pairs: only for synthetic"),
+    (["train", "--task", "mqar", "--seq-len", "64"], "seq_len: only for --task lm"),
+    (["eval", "--task", "lm", "--ckpt", "x"], "--task lm needs --data DIR and --lengths"),
+])
+def test_user_mistakes_are_one_line_errors(argv, message, capsys):
+    assert main(argv) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_eval_refuses_a_checkpoint_of_another_vocabulary(data_dir, tmp_path, capsys):
+    assert main(["train", "--task", "mqar", "--out", str(tmp_path), "--max-steps", "1", "--d-model", "32",
+                 "--n-layers", "1", "--n-heads", "2", "--vocab-size", "32", "--train-lengths", "24",
+                 "--test-lengths", "24", "--eval-examples", "4", "--batch-size", "2", "--no-progress"]) == 0
+    capsys.readouterr()
+    assert main(["eval", "--task", "lm", "--ckpt", str(tmp_path), "--data", str(data_dir), "--lengths", "8"]) == 2
+    assert "not the same tokenizer" in capsys.readouterr().err
