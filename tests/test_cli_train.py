@@ -83,3 +83,19 @@ def test_bad_config_file_and_unknown_task(tmp_path):
     assert result.returncode == 2 and "is not valid JSON" in result.stderr and "Traceback" not in result.stderr
     result = bmojo("train", "--task", "sorting")
     assert result.returncode == 2 and "invalid choice: 'sorting'" in result.stderr
+
+
+def test_eval_varies_a_setting_of_the_trained_model(tmp_path, capsys):
+    far_recall = [a if a != "2,4" else "2" for a in TINY]  # 2 kv pairs: room for gaps of 12 in 24 tokens
+    assert main(["train", "--task", "far_recall", "--arch", "bmojo", "--out", str(tmp_path), "--max-steps", "2",
+                 "--eidetic-per-chunk", "2", "--eidetic-capacity", "8", "--chunk-size", "4", "--gap-min", "12",
+                 *far_recall]) == 0
+    capsys.readouterr()
+    assert main(["eval", "--ckpt", str(tmp_path), "--vary", "eidetic_capacity=0,8", "--json"]) == 0
+    out = capsys.readouterr().out
+    assert "<- as trained" in out
+    result = json.loads(out.strip().splitlines()[-1])
+    assert result["trained"] == 8 and [r["varied"]["value"] for r in result["rows"]] == [0, 8]
+    assert (tmp_path / "ablation_eidetic_capacity.png").read_bytes()[:4] == b"\x89PNG"
+    assert main(["eval", "--ckpt", str(tmp_path), "--vary", "lr=1e-3"]) == 2
+    assert "--vary lr is for bmojo demo" in capsys.readouterr().err

@@ -242,10 +242,40 @@ def cmd_eval(args: argparse.Namespace) -> int:
     run = RecallRun.from_dict(spec)
     if run.vocab_size != model.config.vocab_size:
         raise ValueError(f"task vocabulary {run.vocab_size} differs from the model's {model.config.vocab_size}")
-    report = evaluate_run(model.to(args.device or "cpu"), run)
+    model = model.to(args.device or "cpu")
+    if args.vary is not None:
+        return _eval_ablation(args, model, run, evaluate_run)
+    report = evaluate_run(model, run)
     print(report.format())
     if args.json:
         print(json.dumps(dataclasses.asdict(report)))
+    return 0
+
+
+def _eval_ablation(args: argparse.Namespace, model, run, evaluate_run) -> int:
+    """``bmojo eval --vary NAME=V1,...``: the trained model rebuilt with each value (no retraining)."""
+    from bmojo.demo import plot_accuracy_vs_varied
+    from bmojo.evaluation.ablation import with_settings
+
+    vary = args.vary
+    if vary.name == "lr":
+        raise ValueError("--vary lr is for bmojo demo: evaluation varies model settings only")
+    rows = []
+    for value in vary.values:
+        report = evaluate_run(with_settings(model, **{vary.name: value}), run)
+        rows.append({"arch": run.arch, "varied": {"name": vary.name, "value": value}, "accuracy": report.accuracy,
+                     "far_accuracy": report.far_accuracy})
+    trained = getattr(model.config, vary.name)
+    print(f"{vary.name:>20} {'accuracy':>9} {'far acc':>8}")
+    for r in rows:
+        far = "-" if r["far_accuracy"] is None else f"{r['far_accuracy']:.3f}"
+        mark = "  <- as trained" if r["varied"]["value"] == trained else ""
+        print(f"{r['varied']['value']!s:>20} {r['accuracy']:>9.3f} {far:>8}{mark}")
+    png = Path(args.ckpt) / f"ablation_{vary.name}.png"
+    plot_accuracy_vs_varied(rows, vary, png)
+    print(f"plot: {png}")
+    if args.json:
+        print(json.dumps({"name": vary.name, "trained": trained, "rows": rows}))
     return 0
 
 
@@ -422,6 +452,9 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--test-lengths", type=_int_list, default=None, help="default: the run's")
     evaluate.add_argument("--eval-examples", type=positive_int, default=None, help="default: the run's")
     evaluate.add_argument("--device", default=None)
+    evaluate.add_argument("--vary", type=_variation, default=None, metavar="NAME=V1,V2,...",
+                          help="recall: evaluate the trained model rebuilt with each value of a setting that needs "
+                               "no new weights, e.g. eidetic_capacity=0,4,8,16 or selection=topk,random,recent")
     evaluate.add_argument("--json", action="store_true", help="print the results as JSON on the last line")
     evaluate.set_defaults(func=cmd_eval)
 
