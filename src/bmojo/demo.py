@@ -47,7 +47,7 @@ class DemoSettings:
     target_accuracy: float | None = 0.95  # stop a run early once validation accuracy reaches this
     precision: str = "fp32"  # at this size bf16 casts cost more than they save on CPU
     learning_rates: dict[str, float] = field(default_factory=lambda: {
-        "transformer": 3e-3, "swa": 3e-3, "mamba2": 3e-3, "hybrid": 3e-3, "bmojo-f": 3e-3, "bmojo": 3e-3})
+        "transformer": 3e-3, "swa": 3e-3, "mamba2": 1e-2, "hybrid": 1e-2, "bmojo-f": 1e-2, "bmojo": 3e-3})
 
     @classmethod
     def quick(cls) -> DemoSettings:

@@ -197,20 +197,6 @@ def test_batch_is_a_pure_function_of_its_arguments(counting_shards, tmp_path):
     assert shards.batch("val", 7, 4, 16, seed=1).shape == (4, 17)
 
 
-def test_iter_sequential_covers_the_split_once(counting_shards):
-    shards = counting_shards
-    tokens = shards.tokens("val")
-    for seq_len, batch_size in [(10, 3), (7, 1), (len(tokens) - 1, 2), (len(tokens) + 5, 4)]:
-        batches = list(shards.iter_sequential("val", seq_len, batch_size))
-        rows = [row for batch in batches for row in batch.numpy()]
-        assert all(len(row) == seq_len + 1 for row in rows[:-1]) and 2 <= len(rows[-1]) <= seq_len + 1
-        assert all(b.shape[0] <= batch_size and b.dtype == torch.int64 for b in batches)
-        for previous, row in zip(rows, rows[1:], strict=False):
-            assert previous[-1] == row[0]  # consecutive windows share one token
-        targets = np.concatenate([row[1:] for row in rows])
-        assert np.array_equal(targets, tokens[1:])  # every token but the first is a target exactly once
-
-
 def test_reader_errors(counting_shards, tmp_path):
     with pytest.raises(ValueError, match=r"seq_len \+ 1 = \d+ tokens is longer than the val split"):
         counting_shards.batch("val", 0, 1, counting_shards.num_tokens("val"))

@@ -15,8 +15,8 @@ The validation split is made of whole documents (:func:`choose_validation`), det
 the seed; a corpus of a single document gives the tail of that document to validation.
 
 :class:`TokenShards` reads a shard directory: :meth:`TokenShards.batch` draws random training
-windows as a pure function of its arguments (so a trainer resumes exactly), and
-:meth:`TokenShards.iter_sequential` walks a whole split for evaluation.
+windows as a pure function of its arguments (so a trainer resumes exactly); evaluation reads a
+split's memory map (:meth:`TokenShards.tokens`) with :func:`bmojo.evaluation.perplexity.perplexity_at`.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from functools import cached_property
 from pathlib import Path
 from types import TracebackType
@@ -247,22 +247,3 @@ class TokenShards:
         starts = rng.integers(0, len(tokens) - seq_len, size=batch_size)  # [B], each in [0, N - seq_len - 1]
         windows = tokens[starts[:, None] + np.arange(seq_len + 1)]  # [B, seq_len + 1]
         return torch.from_numpy(windows.astype(np.int64))
-
-    def iter_sequential(self, split: str, seq_len: int, batch_size: int = 1) -> Iterator[torch.Tensor]:
-        """Consecutive windows covering ``split``, for evaluation: int64 ``[b, seq_len + 1]`` per batch.
-
-        Window ``i`` is ``tokens[i * seq_len : i * seq_len + seq_len + 1]``: successive windows share
-        one token, so every token but the first is a target exactly once. Batches hold ``batch_size``
-        windows (``b <= batch_size`` for the last full ones); the tail, shorter than ``seq_len + 1``,
-        comes last as its own ``[1, tail]`` batch.
-        """
-        if seq_len < 1 or batch_size < 1:
-            raise ValueError(f"seq_len and batch_size must be >= 1, got {seq_len} and {batch_size}")
-        tokens = self.tokens(split)
-        full = (len(tokens) - 1) // seq_len  # windows of seq_len + 1 tokens
-        offsets = np.arange(seq_len + 1)
-        for first in range(0, full, batch_size):
-            starts = np.arange(first, min(first + batch_size, full)) * seq_len  # [b]
-            yield torch.from_numpy(tokens[starts[:, None] + offsets].astype(np.int64))
-        if full * seq_len < len(tokens) - 1:
-            yield torch.from_numpy(tokens[None, full * seq_len:].astype(np.int64))
