@@ -21,10 +21,10 @@ test: $(VENV)/.installed
 	$(BIN)/python -m pytest -q
 
 lint: $(VENV)/.installed
-	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/ruff check src tests
 
 bench: $(VENV)/.installed
-	$(BIN)/python benchmarks/ops.py
+	$(BIN)/bmojo bench ops
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info .pytest_cache

@@ -1,3 +1,4 @@
+import json
 import subprocess
 import sys
 
@@ -24,3 +25,9 @@ def test_bad_arguments_are_usage_errors_not_tracebacks():
 def test_version():
     result = subprocess.run([sys.executable, "-m", "bmojo", "--version"], capture_output=True, text=True)
     assert result.returncode == 0 and result.stdout.startswith("bmojo ")
+
+
+def test_bench_is_a_subcommand(capsys):
+    assert main(["bench", "ops", "--quick", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["results"] and all(row["ratio"] > 0 for row in result["results"] if not row["skipped"])

@@ -1,4 +1,4 @@
-"""The `bmojo` command line: `demo`, `data`, `train`, `eval`, `generate`, `inspect`, `smoke`."""
+"""The `bmojo` command line: `demo`, `data`, `train`, `eval`, `generate`, `inspect`, `bench`, `smoke`."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 from bmojo import __version__
+from bmojo.bench import add_bench_parser
 from bmojo.config import LM_SIZES, PRESETS, ModelConfig
 from bmojo.data.prepare import add_data_parser
 from bmojo.data.synthetic import TASKS
@@ -389,6 +390,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(func=cmd_demo)
 
     add_data_parser(sub)
+    add_bench_parser(sub)
 
     inspect = sub.add_parser("inspect", help="show what a B'MOJO checkpoint holds in eidetic memory")
     inspect.add_argument("--ckpt", required=True, help="checkpoint directory (from bmojo train)")

@@ -11,11 +11,12 @@ Baseline and fast path run alternately in the same loop, so that machine noise h
 Each row gives the median and the spread (min-max) in ms, and the ratio
 baseline median / fast median, followed by a verdict on the two expected speed-ups.
 
-Run from the repository root::
+Run::
 
-    PYTHONPATH=src python benchmarks/ops.py                 # L = 256, 1024, 4096
-    PYTHONPATH=src python benchmarks/ops.py --quick         # smoke test, a few seconds
-    PYTHONPATH=src python benchmarks/ops.py --lengths 2048 --repeats 3 --json
+    bmojo bench ops                                  # L = 256, 1024, 4096
+    bmojo bench ops --quick                          # smoke test, a few seconds
+    bmojo bench ops --lengths 2048 --repeats 3 --json
+    python -m bmojo.bench.ops --quick                # the same, without the bmojo entry point
 """
 
 from __future__ import annotations
@@ -25,13 +26,13 @@ import functools
 import json
 import math
 import statistics
-import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import torch
 from torch import Tensor
 
+from bmojo.bench.common import machine_info, parse_int_list, require_at_least, resolve_device, timed
 from bmojo.ops.attention import union_attention_chunked, union_attention_reference
 from bmojo.ops.ssd import ssd_chunked, ssd_sequential
 
@@ -183,10 +184,8 @@ def make_runner(fn: Callable, kwargs: dict[str, object], mode: str) -> Callable[
     return run_forward_backward
 
 
-def elapsed_ms(run: Callable[[], None]) -> float:
-    start = time.perf_counter()
-    run()
-    return (time.perf_counter() - start) * 1e3
+def elapsed_ms(run: Callable[[], None], device: torch.device) -> float:
+    return timed(run, device) * 1e3
 
 
 def summarize(times_ms: list[float]) -> Timing:
@@ -200,6 +199,7 @@ def time_interleaved(
     warmup: int,
     baseline_repeats: int,
     baseline_warmup: int,
+    device: torch.device,
 ) -> tuple[Timing, Timing]:
     """Alternate baseline and fast runs; the baseline stops after ``baseline_repeats`` runs."""
     for i in range(warmup):
@@ -209,12 +209,12 @@ def time_interleaved(
     baseline_ms, fast_ms = [], []
     for i in range(repeats):
         if i < baseline_repeats:
-            baseline_ms.append(elapsed_ms(baseline))
-        fast_ms.append(elapsed_ms(fast))
+            baseline_ms.append(elapsed_ms(baseline, device))
+        fast_ms.append(elapsed_ms(fast, device))
     return summarize(baseline_ms), summarize(fast_ms)
 
 
-def measure(case: Case, mode: str, length: int, args: argparse.Namespace) -> Result:
+def measure(case: Case, mode: str, length: int, args: argparse.Namespace, device: torch.device) -> Result:
     peak = case.baseline_peak_bytes[mode]
     if peak > MEMORY_LIMIT_BYTES:
         reason = f"memory (~{peak / 2**30:.1f} GiB estimated)"
@@ -229,6 +229,7 @@ def measure(case: Case, mode: str, length: int, args: argparse.Namespace) -> Res
         args.warmup,
         baseline_repeats,
         baseline_warmup,
+        device,
     )
     return Result(case.op, mode, length, baseline, fast, baseline.median_ms / fast.median_ms)
 
@@ -284,8 +285,15 @@ def attention_verdict(results: list[Result]) -> str:
     return f"{claim}: {'met' if met else 'NOT met'} ({detail})"
 
 
-def parse_args() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def add_ops_parser(subparsers) -> None:
+    """``bmojo bench ops``: the flags of this benchmark."""
+    parser = subparsers.add_parser("ops", help="fast vs reference SSD and attention ops",
+                                   description=__doc__.splitlines()[0])
+    add_ops_arguments(parser)
+    parser.set_defaults(func=run_ops)
+
+
+def add_ops_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--lengths",
         default="256,1024,4096",
@@ -294,6 +302,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=5, help="timed runs per configuration")
     parser.add_argument("--warmup", type=int, default=1, help="untimed runs per configuration")
     parser.add_argument("--batch", type=int, default=1, help="batch size")
+    parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     parser.add_argument(
         "--json",
         action="store_true",
@@ -302,19 +311,21 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument(
         "--quick", action="store_true", help="smoke test: lengths 64,128 and 1 repeat"
     )
-    args = parser.parse_args()
+
+
+def run_ops(args: argparse.Namespace) -> int:
+    """Run the benchmark: one row per measurement as it completes, the verdicts, and the JSON line."""
     if args.quick:
         args.lengths, args.repeats = "64,128", 1
-    args.lengths = [int(s) for s in args.lengths.split(",")]
-    return args
-
-
-def main() -> None:
-    args = parse_args()
+    lengths = parse_int_list(args.lengths, "--lengths")
+    require_at_least(args.repeats, 1, "--repeats")
+    require_at_least(args.warmup, 0, "--warmup")
+    require_at_least(args.batch, 1, "--batch")
+    device = resolve_device(args.device)
     torch.manual_seed(0)
     print(
         f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch {args.batch}, "
-        f"{args.repeats} repeats, {args.warmup} warmup"
+        f"{args.repeats} repeats, {args.warmup} warmup, device {device} ({machine_info(device)['device_name']})"
     )
     print(
         f"ssd: sequential (baseline) vs chunked (fast); heads={SSD_HEADS} p={SSD_HEAD_DIM} "
@@ -329,10 +340,12 @@ def main() -> None:
     print("times in ms: median [min-max]; ratio = baseline median / fast median\n")
     print(ROW_FORMAT.format("op", "mode", "L", "baseline ms", "fast ms", "ratio", "repeats"))
     results = []
-    for length in args.lengths:
-        for case in build_cases(args.batch, length):
+    for length in lengths:
+        with torch.device(device):
+            cases = build_cases(args.batch, length)
+        for case in cases:
             for mode in MODES:
-                result = measure(case, mode, length, args)
+                result = measure(case, mode, length, args, device)
                 results.append(result)
                 print(format_row(result), flush=True)
     verdicts = [ssd_verdict(results), attention_verdict(results)]
@@ -340,15 +353,22 @@ def main() -> None:
     for verdict in verdicts:
         print(verdict)
     if args.json:
-        config = {k: v for k, v in vars(args).items() if k != "json"}
-        config["threads"] = torch.get_num_threads()
+        config = {"lengths": lengths, "repeats": args.repeats, "warmup": args.warmup, "batch": args.batch,
+                  "quick": args.quick, **machine_info(device)}
         document = {
             "config": config,
             "results": [asdict(r) for r in results],
             "verdicts": verdicts,
         }
         print(json.dumps(document))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_ops_arguments(parser)
+    return run_ops(parser.parse_args(argv))
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

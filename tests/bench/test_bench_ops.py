@@ -1,0 +1,40 @@
+import subprocess
+import sys
+
+import pytest
+
+from bmojo.bench import ops as bench_ops
+
+
+def test_quick_run_prints_rows_verdicts_and_a_json_line(bench, json_line):
+    code, out = bench(["ops", "--quick", "--json"])
+    doc = json_line(out)
+    assert code == 0
+    assert set(doc) == {"config", "results", "verdicts"}
+    assert doc["config"]["lengths"] == [64, 128] and doc["config"]["repeats"] == 1
+    assert doc["config"]["device"] == "cpu" and doc["config"]["threads"] >= 1
+    ops = {r["op"] for r in doc["results"]}
+    assert ops == {"ssd chunk=64", "attn W=256 F=256 M=64", "attn W=256 F=0 M=0", "attn causal"}
+    assert len(doc["results"]) == len(ops) * len(bench_ops.MODES) * 2
+    for r in doc["results"]:
+        assert r["skipped"] is None and r["ratio"] > 0
+        assert r["baseline"]["median_ms"] > 0 and r["fast"]["median_ms"] > 0
+    assert len(doc["verdicts"]) == 2 and all("not measured" in v for v in doc["verdicts"])  # L=1024 not run
+    assert "baseline ms" in out
+
+
+@pytest.mark.parametrize(("flags", "message"), [
+    (["--lengths", "64,x"], "--lengths: expected comma-separated integers"),
+    (["--lengths", "0"], "--lengths: every value must be >= 1"),
+    (["--repeats", "0"], "--repeats must be >= 1"),
+    (["--batch", "0"], "--batch must be >= 1"),
+])
+def test_bad_input_is_a_one_line_value_error(bench, flags, message):
+    with pytest.raises(ValueError) as err:
+        bench(["ops", *flags])
+    assert message in str(err.value) and "\n" not in str(err.value)
+
+
+def test_runs_as_a_module_without_the_bmojo_entry_point():
+    result = subprocess.run([sys.executable, "-m", "bmojo.bench.ops", "--help"], capture_output=True, text=True)
+    assert result.returncode == 0 and "--quick" in result.stdout and result.stderr == ""
