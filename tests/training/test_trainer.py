@@ -164,3 +164,10 @@ def test_interrupted_checkpoint_swap_falls_back_to_the_old_copy(tmp_path):
 def test_invalid_train_config_names_the_field(field, value):
     with pytest.raises(ValueError, match=field):
         TrainConfig(**{field: value})
+
+
+def test_progress_bar_shows_the_latest_validation_metrics(tmp_path, capsys):
+    trainer = Trainer(tiny_model(), train_config(max_steps=4, eval_every=2, log_every=1), copy_batches, tmp_path,
+                      evaluate=lambda m: {"ppl": 12.5}, progress=True)
+    trainer.fit()
+    assert "val_ppl=12.500" in capsys.readouterr().err

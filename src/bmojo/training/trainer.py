@@ -252,7 +252,8 @@ class Trainer:
                 self._log({"step": self.step, **{k: v for k, v in metrics.items() if k != "tokens"},
                            "tokens_per_s": tokens_per_s, "elapsed_s": self.elapsed_s})
                 bar.set_postfix(loss=f"{metrics['loss']:.3f}", acc=f"{metrics['accuracy']:.3f}",
-                                tok_s=f"{tokens_per_s:,.0f}")
+                                tok_s=f"{tokens_per_s:,.0f}",
+                                **{f"val_{k}": f"{v:.3f}" for k, v in self.eval_metrics.items()})
             if self.step % cfg.eval_every == 0 or self.step == cfg.max_steps:
                 self._run_eval()
                 if self._target_reached():
