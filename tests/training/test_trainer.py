@@ -171,3 +171,16 @@ def test_progress_bar_shows_the_latest_validation_metrics(tmp_path, capsys):
                       evaluate=lambda m: {"ppl": 12.5}, progress=True)
     trainer.fit()
     assert "val_ppl=12.500" in capsys.readouterr().err
+
+
+def test_tensorboard_logging(tmp_path):
+    try:
+        import tensorboard  # noqa: F401
+    except ImportError:
+        with pytest.raises(ValueError, match="pip install tensorboard"):
+            Trainer(tiny_model(), train_config(tensorboard=True), copy_batches, tmp_path, progress=False)
+        return
+    trainer = Trainer(tiny_model(), train_config(max_steps=2, log_every=1, tensorboard=True), copy_batches,
+                      tmp_path, progress=False)
+    trainer.fit()
+    assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))

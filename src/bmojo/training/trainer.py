@@ -58,6 +58,7 @@ class TrainConfig:
     checkpoint_every: int = 200
     target_accuracy: float | None = None
     max_nonfinite: int = 5
+    tensorboard: bool = False  # also log metrics to out_dir/tensorboard (needs the tensorboard package)
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -131,6 +132,13 @@ class Trainer:
         self.nonfinite_streak = 0
         self.elapsed_s = 0.0
         self.eval_metrics: dict[str, float] = {}
+        self.tensorboard = None
+        if config.tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError as err:
+                raise ValueError("tensorboard=True needs the tensorboard package: pip install tensorboard") from err
+            self.tensorboard = SummaryWriter(str(self.out_dir / "tensorboard"))
 
     @property
     def checkpoint_path(self) -> Path:
@@ -139,6 +147,10 @@ class Trainer:
     def _log(self, record: dict[str, Any]) -> None:
         with open(self.out_dir / METRICS_FILE, "a") as f:
             f.write(json.dumps(record) + "\n")
+        if self.tensorboard is not None:
+            for key, value in record.items():
+                if key != "step" and isinstance(value, (int, float)):
+                    self.tensorboard.add_scalar(key, value, record["step"])
 
     def _truncate_metrics(self) -> None:
         """Drop records logged after the checkpoint being resumed (they will be redone)."""
@@ -262,6 +274,8 @@ class Trainer:
             if self.step % cfg.checkpoint_every == 0:
                 self.save()
         bar.close()
+        if self.tensorboard is not None:
+            self.tensorboard.close()
         self.save()
         self.model.save_pretrained(self.out_dir)
         return TrainResult(self.step, last["loss"], last["accuracy"], self.eval_metrics, stopped_early,
