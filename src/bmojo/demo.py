@@ -47,7 +47,7 @@ class DemoSettings:
     target_accuracy: float | None = 0.95  # stop a run early once validation accuracy reaches this
     precision: str = "fp32"  # at this size bf16 casts cost more than they save on CPU
     learning_rates: dict[str, float] = field(default_factory=lambda: {
-        "transformer": 3e-3, "swa": 3e-3, "mamba2": 1e-2, "hybrid": 1e-2, "bmojo-f": 1e-2, "bmojo": 3e-3})
+        "transformer": 1e-2, "swa": 1e-3, "mamba2": 1e-2, "hybrid": 1e-2, "bmojo-f": 1e-2, "bmojo": 1e-3})
 
     @classmethod
     def quick(cls) -> DemoSettings:
@@ -147,19 +147,22 @@ def _train_one(run: RecallRun, run_dir: Path, device: str | None, progress: bool
 
 
 def format_table(rows: list[dict[str, Any]]) -> str:
-    """Markdown table, one row per run; a column for the varied setting when there is one."""
+    """Markdown table, one row per run; the varied setting, when there is one, comes second."""
     varied = rows[0].get("varied", {}).get("name") if rows else None
-    header = (["arch"] + ([varied] if varied else []) +
-              ["layers", "d_model", "params", "state (bytes/seq)", "lr", "steps", "accuracy", "far accuracy",
-               "train time"])
+    columns = ["layers", "d_model", "params", "state (bytes/seq)", "lr", "steps", "accuracy", "far accuracy",
+               "train time"]
+    if varied == "lr":
+        columns.remove("lr")
+    header = ["arch"] + ([varied] if varied else []) + columns
     lines = ["| " + " | ".join(header) + " |",
-             "|" + "|".join("---" if i < len(header) - 8 else "---:" for i in range(len(header))) + "|"]
+             "|" + "|".join("---" if i <= len(header) - len(columns) else "---:" for i in range(len(header))) + "|"]
     for r in rows:
         far = "n/a" if r["far_accuracy"] is None else f"{r['far_accuracy']:.3f}"
-        cells = ([r["arch"]] + ([str(r["varied"]["value"])] if varied else []) +
-                 [r["layers"], str(r["d_model"]), f"{r['params']:,}", f"{r['state_bytes']:,}", f"{r['lr']:g}",
-                  str(r["steps"]), f"{r['accuracy']:.3f}", far, f"{r['train_time_s']:.0f} s"])
-        lines.append("| " + " | ".join(cells) + " |")
+        cells = {"layers": r["layers"], "d_model": str(r["d_model"]), "params": f"{r['params']:,}",
+                 "state (bytes/seq)": f"{r['state_bytes']:,}", "lr": f"{r['lr']:g}", "steps": str(r["steps"]),
+                 "accuracy": f"{r['accuracy']:.3f}", "far accuracy": far, "train time": f"{r['train_time_s']:.0f} s"}
+        first = [r["arch"]] + ([str(r["varied"]["value"])] if varied else [])
+        lines.append("| " + " | ".join(first + [cells[c] for c in columns]) + " |")
     return "\n".join(lines)
 
 
