@@ -23,7 +23,7 @@ TINY = ["--d-model", "32", "--n-layers", "2", "--n-heads", "2", "--window", "8",
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("lm") / "data"
-    assert main(["data", "prepare", "--input", str(REPO / "README.md"), str(REPO / "docs"), "--out", str(out),
+    assert main(["data", "prepare", "--input", str(REPO / "README.md"), str(REPO / "docs" / "*.md"), "--out", str(out),
                  "--no-progress"]) == 0
     return out
 
