@@ -161,6 +161,26 @@ def model_shapes(args) -> tuple[str, dict[str, Any]]:
 # ---------------------------------------------------------------------------------------------- models
 
 
+def flag_or_preset(args, preset: Mapping[str, Any], name: str) -> Any:
+    """The flag ``name`` as given, else its value in ``preset`` (the defaults, or the ``--quick`` ones)."""
+    value = getattr(args, name)
+    return preset[name] if value is None else value
+
+
+def common_settings(args, preset: Mapping[str, Any]) -> dict[str, Any]:
+    """The checked flags every model benchmark shares: archs, size, shapes, vocab, repeats, warmup, seed."""
+    size, shapes = model_shapes(args)
+    return {
+        "archs": parse_choices(args.archs, "--archs", PRESETS),
+        "size": size,
+        "shapes": shapes,
+        "vocab": args.vocab,
+        "repeats": require_at_least(flag_or_preset(args, preset, "repeats"), 1, "--repeats"),
+        "warmup": require_at_least(args.warmup, 0, "--warmup"),
+        "seed": args.seed,
+    }
+
+
 @functools.lru_cache(maxsize=64)
 def _matched_shapes(arch: str, base_items: tuple[tuple[str, Any], ...], vocab: int) -> tuple[tuple[str, Any], ...]:
     """Cached :func:`matched_model` (a search over widths, seconds per architecture)."""

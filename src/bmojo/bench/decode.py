@@ -29,12 +29,12 @@ from torch import Tensor
 from bmojo.bench.common import (
     Spread,
     add_common_arguments,
+    common_settings,
+    flag_or_preset,
     format_bytes,
     line_plot,
     machine_info,
     matched_configs,
-    model_shapes,
-    parse_choices,
     parse_int_list,
     print_json,
     progress_bar,
@@ -43,7 +43,6 @@ from bmojo.bench.common import (
     run_interleaved,
     timed,
 )
-from bmojo.config import PRESETS
 from bmojo.models.lm import LanguageModel
 
 DEFAULTS = {"contexts": "1024,4096,16384,65536", "decode_steps": 32, "repeats": 3}
@@ -69,22 +68,10 @@ class DecodeSettings:
     def from_args(cls, args: argparse.Namespace) -> DecodeSettings:
         """``ValueError`` (one line, naming the flag) for any bad value."""
         preset = QUICK if args.quick else DEFAULTS
-
-        def flag(name: str) -> Any:
-            value = getattr(args, name)
-            return preset[name] if value is None else value
-
-        size, shapes = model_shapes(args)
         return cls(
-            archs=parse_choices(args.archs, "--archs", PRESETS),
-            size=size,
-            shapes=shapes,
-            vocab=args.vocab,
-            contexts=parse_int_list(flag("contexts"), "--contexts"),
-            decode_steps=require_at_least(flag("decode_steps"), 1, "--decode-steps"),
-            repeats=require_at_least(flag("repeats"), 1, "--repeats"),
-            warmup=require_at_least(args.warmup, 0, "--warmup"),
-            seed=args.seed,
+            **common_settings(args, preset),
+            contexts=parse_int_list(flag_or_preset(args, preset, "contexts"), "--contexts"),
+            decode_steps=require_at_least(flag_or_preset(args, preset, "decode_steps"), 1, "--decode-steps"),
         )
 
 

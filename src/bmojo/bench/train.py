@@ -26,11 +26,12 @@ from bmojo.bench.common import (
     REFERENCE_ARCH,
     Spread,
     add_common_arguments,
+    common_settings,
+    flag_or_preset,
     format_bytes,
     line_plot,
     machine_info,
     matched_configs,
-    model_shapes,
     parse_choices,
     parse_int_list,
     print_json,
@@ -42,7 +43,6 @@ from bmojo.bench.common import (
 )
 from bmojo.bench.flops import PRECISION_DTYPES, matmul_throughput, train_step_flops
 from bmojo.bench.memory import peak_bytes, peak_memory_measure
-from bmojo.config import PRESETS
 from bmojo.models.lm import LanguageModel
 
 DEFAULTS = {"lengths": "512,1024,2048,4096,8192,16384", "batch": 1, "precision": "bf16,fp32", "repeats": 5,
@@ -71,24 +71,12 @@ class TrainSettings:
     def from_args(cls, args: argparse.Namespace) -> TrainSettings:
         """``ValueError`` (one line, naming the flag) for any bad value."""
         preset = QUICK if args.quick else DEFAULTS
-
-        def flag(name: str) -> Any:
-            value = getattr(args, name)
-            return preset[name] if value is None else value
-
-        size, shapes = model_shapes(args)
         return cls(
-            archs=parse_choices(args.archs, "--archs", PRESETS),
-            size=size,
-            shapes=shapes,
-            vocab=args.vocab,
-            lengths=parse_int_list(flag("lengths"), "--lengths"),
-            batch=require_at_least(flag("batch"), 1, "--batch"),
-            precisions=parse_choices(flag("precision"), "--precision", PRECISION_DTYPES),
-            repeats=require_at_least(flag("repeats"), 1, "--repeats"),
-            warmup=require_at_least(args.warmup, 0, "--warmup"),
-            matmul_size=require_at_least(flag("matmul_size"), 1, "--matmul-size"),
-            seed=args.seed,
+            **common_settings(args, preset),
+            lengths=parse_int_list(flag_or_preset(args, preset, "lengths"), "--lengths"),
+            batch=require_at_least(flag_or_preset(args, preset, "batch"), 1, "--batch"),
+            precisions=parse_choices(flag_or_preset(args, preset, "precision"), "--precision", PRECISION_DTYPES),
+            matmul_size=require_at_least(flag_or_preset(args, preset, "matmul_size"), 1, "--matmul-size"),
         )
 
 
