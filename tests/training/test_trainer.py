@@ -102,8 +102,10 @@ def test_resume_equals_uninterrupted_training(tmp_path, precision):
     for (name, a), b in zip(reference.model.state_dict().items(), resumed.model.state_dict().values(),
                             strict=True):
         assert torch.equal(a, b), name
-    steps = [json.loads(line)["step"] for line in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
+    records = [json.loads(line) for line in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
+    steps = [r["step"] for r in records if "event" not in r]
     assert steps == sorted(set(steps)) == list(range(1, 7))  # nothing lost, nothing logged twice
+    assert [r["step"] for r in records if r.get("event") == "precision"] == [0, 3]  # each process says what ran
 
 
 def test_resume_without_checkpoint_is_a_clear_error(tmp_path):

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from bmojo.models.lm import LanguageModel
+from bmojo.training.precision import resolve_precision
 
 
 @dataclass
@@ -46,6 +47,7 @@ def perplexity_at(model: LanguageModel, stream: Tensor | np.ndarray, context: in
     if num_windows < 1:
         raise ValueError(f"{len(stream):,} tokens are too few for one window of {context + 1}")
     device = next(model.parameters()).device
+    precision, _ = resolve_precision(precision, device)
     model.eval()
     per_batch = max(1, max_batch_tokens // context)
     total_nll, total_tokens = 0.0, 0

@@ -26,11 +26,11 @@ from bmojo.data.synthetic import IGNORE_INDEX
 from bmojo.models.lm import LanguageModel
 from bmojo.serialization import from_dict_strict
 from bmojo.training.checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
+from bmojo.training.precision import PRECISIONS, resolve_precision
 from bmojo.training.schedule import lr_at
 
 CHECKPOINT_DIR = "checkpoint"
 METRICS_FILE = "metrics.jsonl"
-PRECISIONS = ("bf16", "fp32")
 
 
 @dataclass
@@ -51,7 +51,7 @@ class TrainConfig:
     grad_clip: float = 1.0
     batch_size: int = 32
     grad_accum: int = 1
-    precision: str = "bf16"
+    precision: str = "auto"  # bf16 autocast where it is fast, else fp32 (bmojo.training.precision)
     aux_loss_weight: float = 1.0
     eval_every: int = 200
     log_every: int = 10
@@ -126,6 +126,7 @@ class Trainer:
         self.evaluate = evaluate
         self.out_dir = Path(out_dir)
         self.progress = progress
+        self.precision, self.precision_reason = resolve_precision(config.precision, self.device)
         self.optimizer = torch.optim.AdamW(model.optimizer_param_groups(config.weight_decay), lr=config.lr,
                                            betas=(config.beta1, config.beta2))
         self.step = 0
@@ -180,7 +181,7 @@ class Trainer:
         self._truncate_metrics()
 
     def _autocast(self):
-        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.config.precision == "bf16")
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16")
 
     def train_step(self) -> dict[str, float] | None:
         """One optimizer step over ``grad_accum`` micro-batches. Returns its metrics, or
@@ -237,6 +238,10 @@ class Trainer:
             self.resume()
         last: dict[str, float] = {"loss": math.nan, "accuracy": math.nan}
         stopped_early = resume and self._target_reached()  # it had stopped there: nothing left to do
+        self._log({"step": self.step, "event": "precision", "precision": self.precision,
+                   "reason": self.precision_reason})
+        if self.progress:
+            tqdm.write(f"precision {self.precision} ({self.precision_reason})")
         bar = tqdm(total=cfg.max_steps, initial=self.step, disable=not self.progress, unit="step",
                    dynamic_ncols=True)
         window_tokens, window_start = 0, time.perf_counter()
