@@ -210,7 +210,8 @@ def cmd_eval_lm(args: argparse.Namespace) -> int:
             train_lengths[ckpt] = json.loads(run_file.read_text()).get("seq_len")
         curves[ckpt] = []
         for length in args.lengths:
-            result = perplexity_at(model, stream, length, max_tokens=args.max_tokens)
+            result = perplexity_at(model, stream, length, max_tokens=args.max_tokens,
+                                   parallel_tokens=args.parallel_tokens)
             curves[ckpt].append(result)
             print(f"{ckpt}  length {length:>7,}  tokens {result.tokens:>9,}  perplexity {result.perplexity:.4f}")
         table[ckpt] = {str(r.context): {"tokens": r.tokens, "ppl": r.perplexity} for r in curves[ckpt]}
@@ -449,6 +450,9 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--lengths", type=_int_list, default=None, help="--task lm: context lengths A,B,...")
     evaluate.add_argument("--max-tokens", type=positive_int, default=262144,
                           help="--task lm: predicted tokens per length at most")
+    evaluate.add_argument("--parallel-tokens", type=positive_int, default=2048,
+                          help="--task lm: positions of a window run in one parallel forward; later ones are "
+                               "streamed through the decoding cache, so memory stays bounded (default: 2048)")
     evaluate.add_argument("--png", default=None,
                           help="--task lm: plot path (default: FIRST_CKPT/perplexity_vs_length.png)")
     evaluate.add_argument("--test-lengths", type=_int_list, default=None, help="default: the run's")

@@ -63,6 +63,36 @@ def test_batching_and_memory_maps_do_not_change_the_result(tmp_path):
     assert mapped.loss == pytest.approx(whole.loss, rel=1e-6) and mapped.tokens == whole.tokens
 
 
+@pytest.mark.parametrize("arch", ["bmojo", "transformer", "swa", "mamba2", "hybrid", "bmojo-f"])
+@pytest.mark.parametrize("parallel_tokens", [1, 7, 16])
+def test_streaming_a_window_through_the_cache_gives_the_parallel_result(arch, parallel_tokens):
+    """Past ``parallel_tokens`` each position is one decoding step; a window of 30 crosses
+    several chunks, the window and the fading span, and fills the eidetic memory."""
+    model = tiny_model(arch)
+    tokens = stream(3 * 30 + 1)
+    parallel = perplexity_at(model, tokens, 30)
+    streamed = perplexity_at(model, tokens, 30, parallel_tokens=parallel_tokens)
+    assert streamed.tokens == parallel.tokens == 90
+    assert streamed.loss == pytest.approx(parallel.loss, rel=1e-5)
+
+
+def test_streaming_runs_decoding_steps_only_past_the_parallel_prefix(monkeypatch):
+    model = tiny_model()
+    steps = []
+    original_step = model.step
+
+    def counted_step(token, cache):
+        steps.append(cache.position)
+        return original_step(token, cache)
+
+    monkeypatch.setattr(model, "step", counted_step)
+    perplexity_at(model, stream(2 * 20 + 1), 20, parallel_tokens=12)
+    assert steps == list(range(12, 20))  # both windows in one batch: one step per position past the prefix
+    steps.clear()
+    perplexity_at(model, stream(2 * 20 + 1), 20, parallel_tokens=20)
+    assert steps == []
+
+
 def test_max_tokens_and_errors():
     model = tiny_model()
     assert perplexity_at(model, stream(), 10, max_tokens=50).tokens == 50
@@ -70,6 +100,8 @@ def test_max_tokens_and_errors():
         perplexity_at(model, stream(10), 16)
     with pytest.raises(ValueError, match="context length must be >= 1"):
         perplexity_at(model, stream(), 0)
+    with pytest.raises(ValueError, match="parallel_tokens must be >= 1"):
+        perplexity_at(model, stream(), 10, parallel_tokens=0)
 
 
 def test_plot(tmp_path):
