@@ -1,10 +1,13 @@
 import json
+import os
 
 import pytest
+import torch
 
 from bmojo import LanguageModel
 from bmojo.cli import main
 from bmojo.config import PRESETS
+from bmojo.demo import DemoSettings, default_jobs, run_demo
 
 
 def test_quick_demo_end_to_end(tmp_path, capsys):
@@ -77,3 +80,30 @@ def test_demo_rerun_reuses_finished_runs_and_resumes_interrupted_ones(tmp_path, 
     # the same directory with other settings is refused rather than overwritten
     assert main([*argv[:-1], "8"]) == 2
     assert "holds a run with other settings" in capsys.readouterr().err
+
+
+def test_runs_side_by_side_give_the_same_table_as_one_after_another(tmp_path):
+    """Every run trains on a fixed number of threads, so --jobs changes the wall time only."""
+    argv = ["demo", "--quick", "--no-progress", "--archs", "mamba2,bmojo", "--max-steps", "8"]
+    assert main([*argv, "--out", str(tmp_path / "one"), "--jobs", "1"]) == 0
+    assert main([*argv, "--out", str(tmp_path / "two"), "--jobs", "2"]) == 0
+    one, two = (json.loads((tmp_path / name / "results.json").read_text())["rows"] for name in ("one", "two"))
+    keys = ("arch", "params", "state_bytes", "steps", "accuracy", "far_accuracy", "by_distance")
+    assert [[r[k] for k in keys] for r in two] == [[r[k] for k in keys] for r in one]
+    for arch in ("mamba2", "bmojo"):  # the weights themselves, bit for bit
+        a = LanguageModel.from_pretrained(tmp_path / "one" / arch).state_dict()
+        b = LanguageModel.from_pretrained(tmp_path / "two" / arch).state_dict()
+        assert all(torch.equal(a[name], b[name]) for name in a)
+
+
+def test_a_run_failing_in_a_worker_stops_the_demo_with_its_error(tmp_path):
+    settings = DemoSettings.quick()
+    with pytest.raises(RuntimeError, match="cpux"):
+        run_demo(tmp_path, settings, device="cpux", progress=False, archs=("swa", "bmojo"), jobs=2)
+
+
+def test_default_jobs_one_per_core_and_one_on_a_gpu(monkeypatch):
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3}, raising=False)
+    assert default_jobs("cpu", runs=6) == 4
+    assert default_jobs("cpu", runs=3) == 3
+    assert default_jobs("cuda", runs=6) == 1

@@ -366,7 +366,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         settings.max_steps = args.max_steps
     archs = tuple(args.archs.split(",")) if args.archs else tuple(PRESETS)
     rows = run_demo(args.out, settings, device=args.device, progress=not args.no_progress, archs=archs,
-                    vary=args.vary)
+                    vary=args.vary, jobs=args.jobs)
     print(format_table(rows))
     print(f"\nwrote {Path(args.out) / 'report.md'}, a plot, results.json and a checkpoint per run")
     return 0
@@ -387,6 +387,9 @@ def build_parser() -> argparse.ArgumentParser:
                       help="train each arch once per value of lr or of a model field, e.g. "
                            "eidetic_capacity=0,4,8,16 or selection=topk,random,recent or lr=1e-3,3e-3,1e-2")
     demo.add_argument("--device", default=None, help="torch device; none: cuda if available, else cpu")
+    demo.add_argument("--jobs", type=positive_int, default=None,
+                      help="runs trained side by side, one thread each (the results do not depend on it); "
+                           "none: one per CPU core, one on a GPU")
     demo.add_argument("--no-progress", action="store_true", help="no progress bars")
     demo.set_defaults(func=cmd_demo)
 

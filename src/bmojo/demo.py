@@ -10,16 +10,22 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import multiprocessing
+import os
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import torch
+from tqdm import tqdm
 
 from bmojo.config import PRESETS, ModelConfig
 from bmojo.models.lm import LanguageModel
 from bmojo.models.sizing import matched_model, param_count
 from bmojo.training.checkpoint import find_checkpoint
 from bmojo.training.recall import RUN_FILE, RecallRun, train_recall
-from bmojo.training.trainer import CHECKPOINT_DIR, TrainConfig
+from bmojo.training.trainer import CHECKPOINT_DIR, METRICS_FILE, TrainConfig
 
 ARCHS = tuple(PRESETS)
 ROW_FILE = "demo_row.json"  # a finished run's table row, so that a re-run of the demo reuses it
@@ -46,6 +52,10 @@ class DemoSettings:
     eval_every: int = 100
     target_accuracy: float | None = 0.95  # stop a run early once validation accuracy reaches this
     precision: str = "fp32"  # at this size bf16 casts cost more than they save on CPU
+    # CPU threads per run. The result of a run depends on its order of floating-point sums,
+    # which depends on the thread count; fixing it makes the table the same whatever the
+    # machine's core count and however many runs train side by side (--jobs).
+    threads_per_run: int = 1
     learning_rates: dict[str, float] = field(default_factory=lambda: {
         "transformer": 1e-2, "swa": 1e-3, "mamba2": 1e-2, "hybrid": 1e-2, "bmojo-f": 1e-2, "bmojo": 1e-3})
 
@@ -79,10 +89,21 @@ class Variation:
         return f"{self.name}-{value:g}" if isinstance(value, float) else f"{self.name}-{value}"
 
 
+def default_jobs(device: str | None, runs: int) -> int:
+    """Runs trained side by side: one per CPU core this process may use (at most ``runs``);
+    one on a GPU, which a single run already fills."""
+    on_gpu = (device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return 1 if on_gpu else max(1, min(cores, runs))
+
+
 def run_demo(out_dir: str | Path, settings: DemoSettings, device: str | None = None, progress: bool = True,
-             archs: tuple[str, ...] = ARCHS, vary: Variation | None = None) -> list[dict[str, Any]]:
+             archs: tuple[str, ...] = ARCHS, vary: Variation | None = None,
+             jobs: int | None = None) -> list[dict[str, Any]]:
     """Train and evaluate every arch of ``archs`` (each value of ``vary``, if given) into
     ``out_dir/<arch>/`` (``out_dir/<arch>/<name>-<value>/`` with ``vary``); write the report.
+    ``jobs`` runs train side by side in worker processes (default: :func:`default_jobs`),
+    each on ``settings.threads_per_run`` threads, so the results do not depend on ``jobs``.
     Running it again on the same ``out_dir`` reuses finished runs and resumes interrupted ones."""
     unknown = [a for a in archs if a not in PRESETS]
     if unknown:
@@ -103,13 +124,90 @@ def run_demo(out_dir: str | Path, settings: DemoSettings, device: str | None = N
                 model[vary.name] = value
             run_dir = out_dir / arch / vary.label(value) if vary else out_dir / arch
             plan.append((_recall_run(arch, model, lr, settings, far_from), run_dir, value))
-    rows = []
-    for run, run_dir, value in plan:
-        rows.append(_train_one(run, run_dir, device, progress))
-        if vary:
-            rows[-1]["varied"] = {"name": vary.name, "value": value}
+    jobs = jobs or default_jobs(device, len(plan))
+    if jobs < 1:
+        raise ValueError(f"jobs must be >= 1, got {jobs}")
+    runs = [(run, run_dir) for run, run_dir, _ in plan]
+    if jobs == 1:
+        rows = _train_in_process(runs, device, progress, settings.threads_per_run)
+    else:
+        rows = _train_side_by_side(runs, device, progress, settings.threads_per_run, jobs)
+    if vary:
+        for row, (_, _, value) in zip(rows, plan, strict=True):
+            row["varied"] = {"name": vary.name, "value": value}
     write_outputs(out_dir, settings, rows, vary)
     return rows
+
+
+def _train_in_process(runs: list[tuple[RecallRun, Path]], device: str | None, progress: bool,
+                      threads: int) -> list[dict[str, Any]]:
+    """One run after another in this process, each with its own progress bar."""
+    saved_threads = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        return [_train_one(run, run_dir, device, progress) for run, run_dir in runs]
+    finally:
+        torch.set_num_threads(saved_threads)
+
+
+def _expected_cost(run: RecallRun) -> int:
+    """Relative cost of a run's layers, to start the slowest runs first (the lanes then end
+    together): layers with an SSM branch cost about twice an attention layer per step."""
+    return sum({"B": 3, "F": 3, "S": 2}.get(kind, 1) for kind in run.model_config().layer_pattern)
+
+
+def _worker_init(threads: int) -> None:
+    torch.set_num_threads(threads)
+
+
+def _train_in_worker(run: RecallRun, run_dir: Path, device: str | None) -> dict[str, Any]:
+    return _train_one(run, run_dir, device, progress=False)
+
+
+def _steps_done(run_dir: Path) -> int:
+    """The last training step a run logged (0 before its first log line)."""
+    path = run_dir / METRICS_FILE
+    if not path.is_file():
+        return 0
+    steps = [0]
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:  # the line the trainer is writing right now
+            continue
+        if "loss" in record:
+            steps.append(record["step"])
+    return max(steps)
+
+
+def _train_side_by_side(runs: list[tuple[RecallRun, Path]], device: str | None, progress: bool, threads: int,
+                        jobs: int) -> list[dict[str, Any]]:
+    """Train ``runs`` in ``jobs`` worker processes, slowest first; one progress bar over all
+    their steps (read from each run's metrics). A failing run stops them all with its error."""
+    order = sorted(range(len(runs)), key=lambda i: -_expected_cost(runs[i][0]))
+    total = sum(run.train.max_steps for run, _ in runs)
+    bar = tqdm(total=total, disable=not progress, unit="step", dynamic_ncols=True,
+               desc=f"{len(runs)} runs, {jobs} at a time")
+    pool = multiprocessing.get_context("spawn").Pool(jobs, initializer=_worker_init, initargs=(threads,))
+    try:
+        pending = {i: pool.apply_async(_train_in_worker, (*runs[i], device)) for i in order}
+        rows: dict[int, dict[str, Any]] = {}
+        while len(rows) < len(runs):
+            for i, result in list(pending.items()):
+                if result.ready():
+                    rows[i] = result.get()  # re-raises a worker's exception here
+                    del pending[i]
+                    bar.write(f"{runs[i][0].arch:12s} accuracy {rows[i]['accuracy']:.3f}  "
+                              f"({rows[i]['steps']} steps, {rows[i]['train_time_s']:.0f} s)")
+            done = sum(runs[i][0].train.max_steps if i in rows else _steps_done(runs[i][1]) for i in range(len(runs)))
+            bar.update(done - bar.n)
+            time.sleep(0.5)
+        pool.close()
+        return [rows[i] for i in range(len(runs))]
+    finally:
+        pool.terminate()
+        pool.join()
+        bar.close()
 
 
 def _recall_run(arch: str, model: dict[str, Any], lr: float, settings: DemoSettings, far_from: int) -> RecallRun:
