@@ -1,11 +1,14 @@
 import json
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
 from bmojo import LanguageModel
 from bmojo.cli import main
+from bmojo.training.checkpoint import is_sharded_checkpoint
 
 TINY = ["--d-model", "32", "--n-layers", "1", "--n-heads", "2", "--window", "8", "--ssm-headdim", "16",
         "--d-state", "8", "--mlp-ratio", "0", "--vocab-size", "32", "--num-kv-pairs", "2,4",
@@ -15,6 +18,15 @@ TINY = ["--d-model", "32", "--n-layers", "1", "--n-heads", "2", "--window", "8",
 
 def bmojo(*args):
     return subprocess.run([sys.executable, "-m", "bmojo", *args], capture_output=True, text=True)
+
+
+def torchrun_bmojo(*args, nproc=2):
+    """``torchrun --nproc_per_node=NPROC -m bmojo ARGS`` on CPU (gloo)."""
+    src = str(Path(sys.modules["bmojo"].__file__).resolve().parents[1])
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join(p for p in (src, os.environ.get("PYTHONPATH")) if p)}
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+                           "-m", "bmojo", *args], capture_output=True, text=True, env=env, timeout=240)
 
 
 def test_train_then_eval(tmp_path, capsys):
@@ -68,6 +80,7 @@ def test_config_file_with_overrides(tmp_path, capsys):
     (["train", "--num-kv-pairs", "500", "--train-lengths", "64"], "num_kv_pairs"),
     (["train", "--task", "mqar", "--noise-per-pair", "3"], "noise_per_pair"),
     (["eval", "--ckpt", "nowhere"], "not a bmojo checkpoint"),
+    (["train", "--fsdp"], "run torchrun --nproc_per_node=N -m bmojo train ... --fsdp"),
 ])
 def test_user_mistakes_are_one_line_errors(tmp_path, args, message):
     result = bmojo(*args)
@@ -99,3 +112,27 @@ def test_eval_varies_a_setting_of_the_trained_model(tmp_path, capsys):
     assert (tmp_path / "ablation_eidetic_capacity.png").read_bytes()[:4] == b"\x89PNG"
     assert main(["eval", "--ckpt", str(tmp_path), "--vary", "lr=1e-3"]) == 2
     assert "--vary lr is for bmojo demo" in capsys.readouterr().err
+
+
+def test_train_under_torchrun_with_fsdp_then_resume_on_one_process(tmp_path, capsys):
+    args = ["train", "--task", "mqar", "--out", str(tmp_path), "--max-steps", "4", "--precision", "fp32", *TINY]
+    result = torchrun_bmojo(*args, "--fsdp")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.count("by kv pairs") == 1  # rank 0 alone reports
+    assert result.stderr.count("training bmojo on mqar") == 1
+    steps = [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()
+             if "loss" in json.loads(line)]
+    assert steps == [1, 2, 3, 4]
+    assert is_sharded_checkpoint(tmp_path / "checkpoint")
+    assert json.loads((tmp_path / "eval.json").read_text())["accuracy"] >= 0
+    model = LanguageModel.from_pretrained(tmp_path)  # the sharded model, exported whole
+    assert model.config.d_model == 32
+    # one process resumes the two processes' sharded checkpoint (the run is complete: nothing left to train)
+    assert main([*args, "--resume"]) == 0
+    assert "by kv pairs" in capsys.readouterr().out
+
+
+def test_user_mistake_under_torchrun_is_an_error_of_each_rank(tmp_path):
+    result = torchrun_bmojo("train", "--out", str(tmp_path), "--max-steps", "2", *TINY, "--batch-size", "3")
+    assert result.returncode != 0
+    assert "error: [rank 0] batch_size=3 is the global batch" in result.stderr

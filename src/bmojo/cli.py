@@ -17,6 +17,7 @@ from bmojo.bench import add_bench_parser
 from bmojo.config import LM_SIZES, PRESETS, ModelConfig
 from bmojo.data.prepare import add_data_parser
 from bmojo.data.synthetic import TASKS
+from bmojo.training.distributed import Distributed, launched_by_torchrun, run_distributed
 from bmojo.training.trainer import TrainConfig, TrainingDiverged
 
 # Fields the run sets itself: the vocabulary comes from the task, the context from the test lengths.
@@ -136,30 +137,45 @@ def _run_from_args(args: argparse.Namespace) -> dict[str, Any]:
     return spec
 
 
-def _train_one(args: argparse.Namespace, spec: dict[str, Any], run_dir: Path) -> dict[str, Any]:
-    """Train the run ``spec`` into ``run_dir``; its summary for a sweep table."""
+def _train_one(args: argparse.Namespace, spec: dict[str, Any], run_dir: Path, distributed: Distributed,
+               device: str | None) -> dict[str, Any]:
+    """Train the run ``spec`` into ``run_dir``; its summary for a sweep table. Rank 0 alone prints."""
+    say = print if distributed.is_main else (lambda *_, **__: None)
+    common = dict(resume=args.resume, device=device, progress=not args.no_progress, distributed=distributed)
     if spec.get("task") == "lm":
         from bmojo.training.lm import LMRun, train_lm
 
         run = LMRun.from_dict(spec)
-        print(f"training {run.arch} ({run.model_config().layer_pattern} layers, size {run.size}) on {run.data} "
-              f"(lr {run.train.lr:g}) -> {run_dir}", file=sys.stderr)
-        result = train_lm(run, run_dir, resume=args.resume, device=args.device, progress=not args.no_progress)
+        say(f"training {run.arch} ({run.model_config().layer_pattern} layers, size {run.size}) on {run.data} "
+            f"(lr {run.train.lr:g}) -> {run_dir}", file=sys.stderr)
+        result = train_lm(run, run_dir, **common)
         ppl = result.eval_metrics.get("ppl", float("nan"))
-        print(f"validation perplexity {ppl:.3f} after {result.steps} steps")
+        say(f"validation perplexity {ppl:.3f} after {result.steps} steps")
         return {"steps": result.steps, "val_ppl": ppl}
     from bmojo.training.recall import RecallRun, train_recall
 
     run = RecallRun.from_dict(spec)
-    print(f"training {run.arch} on {run.task} (lr {run.train.lr:g}, {run.model_config().layer_pattern} layers) "
-          f"-> {run_dir}", file=sys.stderr)
-    result, report = train_recall(run, run_dir, resume=args.resume, device=args.device,
-                                  progress=not args.no_progress)
-    print(report.format())
+    say(f"training {run.arch} on {run.task} (lr {run.train.lr:g}, {run.model_config().layer_pattern} layers) "
+        f"-> {run_dir}", file=sys.stderr)
+    result, report = train_recall(run, run_dir, **common)
+    say(report.format())
     return {"steps": result.steps, "accuracy": report.accuracy, "far_accuracy": report.far_accuracy}
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    """Train in this process, or, under torchrun, as one process of a data-parallel job
+    (DDP, or FSDP2 with --fsdp), which ends the process (bmojo.training.distributed)."""
+    if not launched_by_torchrun():
+        if args.fsdp:
+            raise ValueError("--fsdp shards the model across processes started by torchrun: run "
+                             "torchrun --nproc_per_node=N -m bmojo train ... --fsdp")
+        return _train_runs(args, Distributed(), args.device)
+    run_distributed(lambda distributed, device: _train_runs(args, distributed, str(device)), device=args.device,
+                    fsdp=args.fsdp)
+
+
+def _train_runs(args: argparse.Namespace, distributed: Distributed, device: str | None) -> int:
+    """The run, or one run per learning rate of a sweep, and the sweep's table."""
     spec = _run_from_args(args)
     lrs = args.lr or [spec.get("train", {}).get("lr", TrainConfig.lr)]
     out = Path(args.out)
@@ -167,17 +183,20 @@ def cmd_train(args: argparse.Namespace) -> int:
     for lr in lrs:
         run_dir = out if len(lrs) == 1 else out / f"lr-{lr:g}"
         try:
-            summary = _train_one(args, {**spec, "train": {**spec.get("train", {}), "lr": lr}}, run_dir)
+            summary = _train_one(args, {**spec, "train": {**spec.get("train", {}), "lr": lr}}, run_dir,
+                                 distributed, device)
         except TrainingDiverged as err:
-            print(f"error: {err}", file=sys.stderr)
+            if distributed.is_main:
+                print(f"error: {err}", file=sys.stderr)
             if len(lrs) == 1:
                 return 1
             continue
         results.append({"lr": lr, "dir": str(run_dir), **summary})
-    if len(lrs) > 1:
-        if not results:
+    if len(lrs) > 1 and not results:
+        if distributed.is_main:
             print("error: every learning rate diverged", file=sys.stderr)
-            return 1
+        return 1
+    if len(lrs) > 1 and distributed.is_main:
         lm = spec.get("task") == "lm"
         best = min(results, key=lambda r: r["val_ppl"]) if lm else max(results, key=lambda r: r["accuracy"])
         columns = ["val_ppl"] if lm else ["accuracy", "far_accuracy"]
@@ -413,9 +432,12 @@ def build_parser() -> argparse.ArgumentParser:
     smoke.add_argument("--device", default=None, help="torch device; none: cuda if available, else cpu")
     smoke.set_defaults(func=cmd_smoke)
 
-    train = sub.add_parser("train", help="train a model on a synthetic recall task",
+    train = sub.add_parser("train", help="train a model on a synthetic recall task or on text",
                            description="Train one architecture on a recall task and evaluate it on longer "
-                                       "test sequences. Flags override the --config file.")
+                                       "test sequences, or on text (--task lm). Flags override the --config file. "
+                                       "Launched by torchrun (torchrun --nproc_per_node=N -m bmojo train ...), "
+                                       "every process trains on its share of each global batch: DDP, or FSDP2 with "
+                                       "--fsdp (docs/distributed.md).")
     train.add_argument("--task", choices=[*TASKS, "lm"], default=None,
                        help="a synthetic recall task or lm (language modelling on --data); default: mqar")
     train.add_argument("--arch", choices=list(PRESETS), default=None, help="default: bmojo")
@@ -429,6 +451,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--lr", type=_float_list, default=None,
                        help=f"learning rate; a comma list runs a sweep (default: {TrainConfig.lr})")
     train.add_argument("--no-progress", action="store_true", help="no progress bar")
+    train.add_argument("--fsdp", action="store_true",
+                       help="under torchrun: shard parameters, gradients and optimizer state over the processes "
+                            "(FSDP2) instead of replicating them (DDP); checkpoints are then sharded")
     lm_group = train.add_argument_group("language modelling (--task lm)")
     lm_group.add_argument("--data", default=None, help="token shards directory (from bmojo data prepare)")
     lm_group.add_argument("--size", choices=list(LM_SIZES), default=None,

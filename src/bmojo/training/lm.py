@@ -17,6 +17,7 @@ from bmojo.evaluation.perplexity import perplexity_at
 from bmojo.models.lm import LanguageModel
 from bmojo.models.sizing import matched_model, param_count
 from bmojo.serialization import from_dict_strict
+from bmojo.training.distributed import Distributed
 from bmojo.training.trainer import Batch, TrainConfig, Trainer, TrainResult
 
 RUN_FILE = "run.json"
@@ -72,29 +73,35 @@ def validation_loss(model: LanguageModel, shards: TokenShards, seq_len: int, max
 
 
 def train_lm(run: LMRun, out_dir: str | Path, resume: bool = False, device: str | None = None,
-             progress: bool = True) -> TrainResult:
+             progress: bool = True, distributed: Distributed | None = None) -> TrainResult:
     """Train ``run`` into ``out_dir`` (checkpoints, metrics, ``run.json``, the tokenizer and the
-    final model, which is also loadable by ``bmojo eval --task lm`` and ``bmojo generate``)."""
+    final model, which is also loadable by ``bmojo eval --task lm`` and ``bmojo generate``).
+    With ``distributed``, this process is one of a torchrun job (see :class:`Trainer`); rank 0
+    writes the files."""
+    distributed = distributed or Distributed()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     if resume and (out_dir / RUN_FILE).is_file():
         saved = json.loads((out_dir / RUN_FILE).read_text())
         if saved != run.to_dict():
             raise ValueError(f"--resume: the run in {out_dir} was started with different settings")
-    (out_dir / RUN_FILE).write_text(json.dumps(run.to_dict(), indent=2))
+    distributed.barrier()  # every process has read run.json before rank 0 rewrites it
     shards = run.shards()
-    shards.tokenizer.save(out_dir)
+    if distributed.is_main:
+        (out_dir / RUN_FILE).write_text(json.dumps(run.to_dict(), indent=2))
+        shards.tokenizer.save(out_dir)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(run.train.seed)
     model = LanguageModel(run.model_config())
     accum, batch_size = run.train.grad_accum, run.train.batch_size
 
-    def batches(step: int, micro: int) -> Batch:
+    def batches(step: int, micro: int) -> Batch:  # the global batch; the trainer gives each process its rows
         window = shards.batch("train", step * accum + micro, batch_size, run.seq_len, seed=run.train.seed)
         return Batch(inputs=window[:, :-1], labels=window[:, 1:])  # [B, seq_len] each
 
     def validate(m: LanguageModel) -> dict[str, float]:
         return validation_loss(m, shards, run.seq_len, run.eval_tokens, run.train.precision)
 
-    trainer = Trainer(model, run.train, batches, out_dir, evaluate=validate, device=device, progress=progress)
+    trainer = Trainer(model, run.train, batches, out_dir, evaluate=validate, device=device, progress=progress,
+                      distributed=distributed)
     return trainer.fit(resume=resume)

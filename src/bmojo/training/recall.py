@@ -16,6 +16,7 @@ from bmojo.data.synthetic import DEFAULT_LENGTHS, make_dataset, make_mixture
 from bmojo.evaluation.recall import RecallReport, evaluate_recall
 from bmojo.models.lm import LanguageModel
 from bmojo.serialization import from_dict_strict
+from bmojo.training.distributed import Distributed
 from bmojo.training.trainer import TrainConfig, Trainer, TrainResult
 
 RUN_FILE = "run.json"
@@ -92,16 +93,20 @@ def evaluate_run(model: LanguageModel, run: RecallRun, batch_size: int = 64) -> 
 
 
 def train_recall(run: RecallRun, out_dir: str | Path, resume: bool = False, device: str | None = None,
-                 progress: bool = True) -> tuple[TrainResult, RecallReport]:
+                 progress: bool = True, distributed: Distributed | None = None) -> tuple[TrainResult, RecallReport]:
     """Train ``run`` into ``out_dir`` (checkpoints, metrics, ``run.json``), then evaluate it on
-    the longer test lengths."""
+    the longer test lengths. With ``distributed``, this process is one of a torchrun job (see
+    :class:`Trainer`): every process evaluates, rank 0 writes the files."""
+    distributed = distributed or Distributed()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     if resume and (out_dir / RUN_FILE).is_file():
         saved = RecallRun.load(out_dir)
         if saved.to_dict() != run.to_dict():
             raise ValueError(f"--resume: the run in {out_dir} was started with different settings")
-    (out_dir / RUN_FILE).write_text(json.dumps(run.to_dict(), indent=2))
+    distributed.barrier()  # every process has read run.json before rank 0 rewrites it
+    if distributed.is_main:
+        (out_dir / RUN_FILE).write_text(json.dumps(run.to_dict(), indent=2))
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(run.train.seed)
     model = LanguageModel(run.model_config())
@@ -110,14 +115,16 @@ def train_recall(run: RecallRun, out_dir: str | Path, resume: bool = False, devi
     validation = make_dataset(run.task, num_examples=min(run.eval_examples, 256), split="test",
                               seed=run.train.seed + 1, lengths=run.train_lengths, **run.task_fields)
 
-    def batches(step: int, micro: int):
+    def batches(step: int, micro: int):  # the global batch; the trainer gives each process its rows
         return mixture.batch(step * accum + micro, batch_size)
 
     def validate(m: LanguageModel) -> dict[str, float]:
         return {"accuracy": evaluate_recall(m, validation, batch_size).accuracy}
 
-    trainer = Trainer(model, run.train, batches, out_dir, evaluate=validate, device=device, progress=progress)
+    trainer = Trainer(model, run.train, batches, out_dir, evaluate=validate, device=device, progress=progress,
+                      distributed=distributed)
     result = trainer.fit(resume=resume)
-    report = evaluate_run(trainer.model, run, batch_size)
-    (out_dir / "eval.json").write_text(json.dumps(dataclasses.asdict(report), indent=2))
+    report = distributed.broadcast(evaluate_run(trainer.model, run, batch_size))  # rank 0's, everywhere
+    if distributed.is_main:
+        (out_dir / "eval.json").write_text(json.dumps(dataclasses.asdict(report), indent=2))
     return result, report

@@ -5,10 +5,22 @@ accuracy, JSON-lines metrics, atomic checkpoints and exact resume.
 Data come from a function ``batches(step, micro_step) -> Batch`` that must be a pure
 function of its arguments (e.g. seeded by them): that is what makes a resumed run see the
 very batches the uninterrupted run would have seen.
+
+Under torchrun (:mod:`bmojo.training.distributed`) ``batch_size`` stays the global batch of
+one optimizer step: every process builds the same global batch from ``batches`` and trains
+on its own contiguous rows of it, so N processes see disjoint data, compute the same steps as
+one process with the same ``batch_size`` (up to floating-point summation order), and a run
+resumes exactly on any number of processes. The loss of each process is its summed token
+loss divided by the labelled tokens of the whole global micro-batch, times the number of
+processes, so that the gradient average DDP and FSDP2 take equals the gradient of the global
+mean loss even when processes hold different numbers of labelled tokens. Rank 0 alone logs,
+shows the progress bar and writes files, except the sharded FSDP2 checkpoint, which every
+process writes.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import time
@@ -25,7 +37,14 @@ from tqdm import tqdm
 from bmojo.data.synthetic import IGNORE_INDEX
 from bmojo.models.lm import LanguageModel
 from bmojo.serialization import from_dict_strict
-from bmojo.training.checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
+from bmojo.training.checkpoint import (
+    export_pretrained,
+    find_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+    save_sharded_checkpoint,
+)
+from bmojo.training.distributed import Distributed, wrap_model
 from bmojo.training.precision import PRECISIONS, resolve_precision
 from bmojo.training.schedule import lr_at
 
@@ -97,17 +116,38 @@ class TrainResult:
     elapsed_s: float
 
 
-def loss_and_accuracy(logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """Cross-entropy over labelled positions; returns ``(mean loss, correct, labelled)``."""
+def summed_loss_and_accuracy(logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Cross-entropy summed over labelled positions; returns ``(summed loss, correct, labelled)``."""
     mask = labels != IGNORE_INDEX
-    loss = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX)
+    loss = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX,
+                           reduction="sum")
     correct = ((logits.argmax(-1) == labels) & mask).sum()
     return loss, correct, mask.sum()
 
 
+def loss_and_accuracy(logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Cross-entropy over labelled positions; returns ``(mean loss, correct, labelled)``."""
+    loss, correct, labelled = summed_loss_and_accuracy(logits, labels)
+    return loss / labelled, correct, labelled
+
+
+def _param_names_by_group(model: LanguageModel, weight_decay: float) -> list[dict[str, Any]]:
+    """The model's AdamW groups with parameter names in place of parameters (FSDP2 replaces
+    the parameters, and drops the ``_no_weight_decay`` marks the groups are made from)."""
+    names = {id(param): name for name, param in model.named_parameters()}
+    return [{**group, "params": [names[id(p)] for p in group["params"]]}
+            for group in model.optimizer_param_groups(weight_decay)]
+
+
 class Trainer:
     """Trains ``model`` on ``batches``; writes ``out_dir/metrics.jsonl``,
-    ``out_dir/checkpoint/`` (resumable) and, at the end, the model itself in ``out_dir``."""
+    ``out_dir/checkpoint/`` (resumable) and, at the end, the model itself in ``out_dir``.
+
+    ``distributed`` (from :func:`bmojo.training.distributed.init_distributed`) makes this
+    process one of a data-parallel job: DDP, or FSDP2 when ``distributed.fsdp``; ``device``
+    is then this process's device. ``self.model`` is the model itself (sharded in place under
+    FSDP2), ``self.train_module`` what the training forward runs through (the DDP wrapper).
+    """
 
     def __init__(
         self,
@@ -118,23 +158,32 @@ class Trainer:
         evaluate: Callable[[LanguageModel], dict[str, float]] | None = None,
         device: str | torch.device | None = None,
         progress: bool = True,
+        distributed: Distributed | None = None,
     ):
+        self.dist = distributed or Distributed()
+        if config.batch_size % self.dist.world_size:
+            raise ValueError(f"batch_size={config.batch_size} is the global batch of a step, split evenly between "
+                             f"the processes: it must be a multiple of their number, {self.dist.world_size}")
         self.device = torch.device(device) if device is not None else next(model.parameters()).device
         self.model = model.to(self.device)
         self.config = config
         self.batches = batches
         self.evaluate = evaluate
         self.out_dir = Path(out_dir)
-        self.progress = progress
-        self.precision, self.precision_reason = resolve_precision(config.precision, self.device)
-        self.optimizer = torch.optim.AdamW(model.optimizer_param_groups(config.weight_decay), lr=config.lr,
-                                           betas=(config.beta1, config.beta2))
+        self.progress = progress and self.dist.is_main
+        # "auto" measures the CPU: every process takes rank 0's choice
+        self.precision, self.precision_reason = self.dist.broadcast(resolve_precision(config.precision, self.device))
+        groups = _param_names_by_group(self.model, config.weight_decay)
+        self.train_module = wrap_model(self.model, self.dist, self.device, self.precision)
+        params = dict(self.model.named_parameters())
+        self.optimizer = torch.optim.AdamW([{**group, "params": [params[name] for name in group["params"]]}
+                                            for group in groups], lr=config.lr, betas=(config.beta1, config.beta2))
         self.step = 0
         self.nonfinite_streak = 0
         self.elapsed_s = 0.0
         self.eval_metrics: dict[str, float] = {}
         self.tensorboard = None
-        if config.tensorboard:
+        if config.tensorboard and self.dist.is_main:
             try:
                 from torch.utils.tensorboard import SummaryWriter
             except ImportError as err:
@@ -146,6 +195,8 @@ class Trainer:
         return self.out_dir / CHECKPOINT_DIR
 
     def _log(self, record: dict[str, Any]) -> None:
+        if not self.dist.is_main:
+            return
         with open(self.out_dir / METRICS_FILE, "a") as f:
             f.write(json.dumps(record) + "\n")
         if self.tensorboard is not None:
@@ -156,7 +207,7 @@ class Trainer:
     def _truncate_metrics(self) -> None:
         """Drop records logged after the checkpoint being resumed (they will be redone)."""
         path = self.out_dir / METRICS_FILE
-        if path.exists():
+        if self.dist.is_main and path.exists():
             kept = [line for line in path.read_text().splitlines() if json.loads(line).get("step", 0) <= self.step]
             path.write_text("".join(line + "\n" for line in kept))
 
@@ -166,10 +217,15 @@ class Trainer:
                 "torch_rng": torch.get_rng_state().tolist()}
 
     def save(self) -> None:
-        save_checkpoint(self.checkpoint_path, self.model, self.optimizer, self._state())
+        """Checkpoint: sharded by every process under FSDP2, else one file set by rank 0."""
+        if self.dist.fsdp:
+            save_sharded_checkpoint(self.checkpoint_path, self.model, self.optimizer, self._state(), self.dist)
+        elif self.dist.is_main:
+            save_checkpoint(self.checkpoint_path, self.model, self.optimizer, self._state())
 
     def resume(self) -> None:
-        """Continue from ``out_dir/checkpoint`` exactly where it stopped."""
+        """Continue from ``out_dir/checkpoint`` exactly where it stopped, whatever the number of
+        processes that wrote it (every process reads it; rank 0's random state is restored)."""
         if find_checkpoint(self.checkpoint_path) is None:
             raise FileNotFoundError(f"--resume: no checkpoint in {self.out_dir} to resume from")
         state = load_checkpoint(self.checkpoint_path, self.model, self.optimizer)
@@ -183,48 +239,70 @@ class Trainer:
     def _autocast(self):
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16")
 
+    def _gradient_sync(self, last_micro: bool):
+        """DDP all-reduces gradients only on a step's last micro-batch (FSDP2 reduce-scatters
+        every one, which keeps the accumulated gradients sharded)."""
+        if isinstance(self.train_module, torch.nn.parallel.DistributedDataParallel) and not last_micro:
+            return self.train_module.no_sync()
+        return contextlib.nullcontext()
+
     def train_step(self) -> dict[str, float] | None:
-        """One optimizer step over ``grad_accum`` micro-batches. Returns its metrics, or
-        ``None`` when the loss or gradients were not finite and the step was skipped."""
+        """One optimizer step over ``grad_accum`` micro-batches. Returns its metrics (over the
+        global batch), or ``None`` when the loss or gradients were not finite and the step was
+        skipped. Every process runs every micro-batch, so all take part in the same collectives
+        and reach the same decision."""
         cfg = self.config
         lr = lr_at(self.step, cfg.lr, cfg.warmup_steps, cfg.max_steps, cfg.min_lr_ratio)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        self.model.train()
-        total_loss = total_aux = 0.0
-        correct = labelled = tokens = 0
-        finite = True
+        self.train_module.train()
+        loss = aux_loss = correct = labelled = tokens = nonfinite = 0.0  # this process's sums over micro-batches
         for micro in range(cfg.grad_accum):
-            batch = self.batches(self.step, micro)
-            inputs, labels = batch.inputs.to(self.device), batch.labels.to(self.device)
-            with self._autocast():
-                out = self.model(inputs)
-            loss, n_correct, n_labelled = loss_and_accuracy(out.logits, labels)
-            objective = (loss + cfg.aux_loss_weight * out.aux_loss) / cfg.grad_accum
-            if not torch.isfinite(objective):
-                finite = False
-                break
-            objective.backward()
-            total_loss += loss.item() / cfg.grad_accum
-            total_aux += out.aux_loss.item() / cfg.grad_accum
+            batch = self.batches(self.step, micro)  # the global micro-batch, [B, L]
+            labelled_in_batch = int((batch.labels != IGNORE_INDEX).sum())
+            rows = self.dist.rows(batch.inputs.shape[0])
+            inputs, labels = batch.inputs[rows].to(self.device), batch.labels[rows].to(self.device)  # [B / N, L]
+            with self._gradient_sync(last_micro=micro == cfg.grad_accum - 1):
+                with self._autocast():
+                    out = self.train_module(inputs)
+                loss_sum, n_correct, n_labelled = summed_loss_and_accuracy(out.logits, labels)
+                share = loss_sum / labelled_in_batch  # this process's part of the global batch's mean loss
+                # DDP and FSDP2 average the processes' gradients: scale by their number to sum the shares
+                objective = (share * self.dist.world_size + cfg.aux_loss_weight * out.aux_loss) / cfg.grad_accum
+                objective.backward()
+            loss += share.item()
+            aux_loss += out.aux_loss.item()
             correct += int(n_correct)
             labelled += int(n_labelled)
             tokens += inputs.numel()
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip) if finite else None
-        if not finite or not torch.isfinite(grad_norm):
+            nonfinite += not torch.isfinite(objective)
+        sums = torch.tensor([loss, aux_loss, correct, labelled, tokens, nonfinite], dtype=torch.float64,
+                            device=self.device)
+        loss, aux_loss, correct, labelled, tokens, nonfinite = self.dist.all_reduce_sum(sums).tolist()  # global
+        if nonfinite:
+            self.optimizer.zero_grad(set_to_none=True)
+            return None
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
+        if self.dist.fsdp:
+            grad_norm = grad_norm.full_tensor()  # a DTensor, already reduced over the processes
+        if not torch.isfinite(grad_norm):
             self.optimizer.zero_grad(set_to_none=True)
             return None
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return {"loss": total_loss, "aux_loss": total_aux, "accuracy": correct / max(labelled, 1), "lr": lr,
-                "grad_norm": float(grad_norm), "tokens": tokens}
+        return {"loss": loss / cfg.grad_accum, "aux_loss": aux_loss / (cfg.grad_accum * self.dist.world_size),
+                "accuracy": correct / max(labelled, 1), "lr": lr, "grad_norm": float(grad_norm),
+                "tokens": int(tokens)}
 
     def _run_eval(self) -> None:
+        """Every process evaluates (under FSDP2 each forward needs them all); rank 0's metrics
+        are kept everywhere, so every process takes the same early-stop decision."""
         if self.evaluate is None:
             return
         self.model.eval()
         with torch.no_grad():
-            self.eval_metrics = {k: float(v) for k, v in self.evaluate(self.model).items()}
+            metrics = {k: float(v) for k, v in self.evaluate(self.model).items()}
+        self.eval_metrics = self.dist.broadcast(metrics)
         self._log({"step": self.step, **{f"eval_{k}": v for k, v in self.eval_metrics.items()}})
 
     def _target_reached(self) -> bool:
@@ -240,7 +318,7 @@ class Trainer:
         stopped_early = resume and self._target_reached()  # it had stopped there: nothing left to do
         self._log({"step": self.step, "event": "precision", "precision": self.precision,
                    "reason": self.precision_reason})
-        if self.progress:
+        if self.progress:  # rank 0 only
             tqdm.write(f"precision {self.precision} ({self.precision_reason})")
         bar = tqdm(total=cfg.max_steps, initial=self.step, disable=not self.progress, unit="step",
                    dynamic_ncols=True)
@@ -282,6 +360,6 @@ class Trainer:
         if self.tensorboard is not None:
             self.tensorboard.close()
         self.save()
-        self.model.save_pretrained(self.out_dir)
+        export_pretrained(self.model, self.out_dir, self.dist)
         return TrainResult(self.step, last["loss"], last["accuracy"], self.eval_metrics, stopped_early,
                            self.elapsed_s)
