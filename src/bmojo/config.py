@@ -9,6 +9,7 @@ from typing import Any
 
 from bmojo.layers.bmojo import EIDETIC_ROPE_MODES
 from bmojo.ops.eidetic import POLICIES, SELECTIONS
+from bmojo.ops.storage import OVERFLOW_POLICIES
 from bmojo.serialization import from_dict_strict
 
 # DESIGN.md §6: the mixer of each layer, by letter.
@@ -69,6 +70,11 @@ class ModelConfig:
     innovation_rank: int = 0  # 0: full-rank predictor Φ
     ssm_residual: bool = True
     tie_fading_proj: bool = True
+    # long-term eidetic memory in storage (B layers, DESIGN.md §5): off while storage_blocks = 0
+    storage_blocks: int = 0  # r: blocks each chunk retrieves
+    storage_block_size: int | None = None  # S: tokens per stored block (default chunk_size)
+    storage_budget_bytes: int = 0  # per layer and sequence; 0: no budget
+    storage_overflow: str = "error"  # at the budget: "error" raises, "evict" drops the oldest block
     # Mamba-2 (S, F, B layers)
     d_state: int = 64
     ssm_headdim: int = 64
@@ -94,6 +100,8 @@ class ModelConfig:
             self.fading_span = self.window
         if self.chunk_size is None:
             self.chunk_size = self.window
+        if self.storage_block_size is None:
+            self.storage_block_size = self.chunk_size
         self.validate()
 
     @classmethod
@@ -167,6 +175,13 @@ class ModelConfig:
                     "must be a number or None")
             require(isinstance(self.innovation_rank, int) and self.innovation_rank >= 0, "innovation_rank",
                     "must be an integer >= 0 (0: full rank)")
+            for field in ("storage_blocks", "storage_budget_bytes"):
+                value = getattr(self, field)
+                require(isinstance(value, int) and not isinstance(value, bool) and value >= 0, field,
+                        "must be an integer >= 0 (0: off)")
+            positive_int("storage_block_size")
+            require(self.storage_overflow in OVERFLOW_POLICIES, "storage_overflow",
+                    f"must be one of {OVERFLOW_POLICIES}")
         if kinds & set("SFB"):
             for field in ("d_state", "ssm_headdim", "expand", "d_conv", "ssm_ngroups"):
                 positive_int(field)

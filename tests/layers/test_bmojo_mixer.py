@@ -123,8 +123,11 @@ def _rot(t: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
     return apply_rope(t, cos, sin)
 
 
-def plain_bmojo(mixer: BMojoMixer, x: torch.Tensor, tau: float | None = None) -> torch.Tensor:
-    """Per-query union softmax from the spec; differentiable in ``x`` and the weights."""
+def plain_bmojo(mixer: BMojoMixer, x: torch.Tensor, tau: float | None = None,
+                retrieved: list[list[set[int]]] | None = None) -> torch.Tensor:
+    """Per-query union softmax from the spec; differentiable in ``x`` and the weights.
+    ``retrieved[b][c]``: positions retrieved from storage for chunk ``c`` (DESIGN.md §5),
+    joined to the eidetic memory (a set: a token enters the softmax once)."""
     b, length, _ = x.shape
     Wn, Fs, Cs = mixer.window, mixer.fading_span, mixer.chunk_size
     hkv = mixer.n_kv_heads
@@ -164,7 +167,8 @@ def plain_bmojo(mixer: BMojoMixer, x: torch.Tensor, tau: float | None = None) ->
             if fad:
                 logits.append((q_rot[bi, i] * expand(kf_rot[bi, fad])).sum(-1))
                 values.append(expand(vf[bi, fad]))
-            mem = sorted(t for t in memory[bi][i // Cs] if t <= i - Wn) if memory else []
+            past = (memory[bi][i // Cs] if memory else set()) | (retrieved[bi][i // Cs] if retrieved else set())
+            mem = sorted(t for t in past if t <= i - Wn)
             if mem:
                 if mixer.eidetic_rope == "none":
                     qe, ke = q[bi, i], k[bi, mem]

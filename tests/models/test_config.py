@@ -40,6 +40,12 @@ def test_defaults_follow_design_notation():
     assert cfg.n_kv_heads == cfg.n_heads
 
 
+def test_storage_is_off_by_default_and_blocks_follow_the_chunk():
+    cfg = ModelConfig(window=32, chunk_size=16)
+    assert cfg.storage_blocks == 0 and cfg.storage_budget_bytes == 0 and cfg.storage_overflow == "error"
+    assert cfg.storage_block_size == 16
+
+
 def test_layer_pattern_repeats_to_depth():
     cfg = ModelConfig.preset("hybrid", layer_pattern="SWB", n_layers=7)
     assert cfg.layer_kinds == list("SWBSWBS")
@@ -75,6 +81,10 @@ def test_unused_fields_are_ignored():
         ("mamba2", {"d_state": 0}, "d_state"),
         ("bmojo", {"innovation_threshold": "high"}, "innovation_threshold"),
         ("bmojo", {"mlp_ratio": "2"}, "mlp_ratio"),
+        ("bmojo", {"storage_blocks": -1}, "storage_blocks"),
+        ("bmojo", {"storage_block_size": 0}, "storage_block_size"),
+        ("bmojo", {"storage_budget_bytes": -1}, "storage_budget_bytes"),
+        ("bmojo", {"storage_overflow": "drop"}, "storage_overflow"),
     ],
 )
 def test_invalid_values_name_the_field(preset, overrides, field):

@@ -1,6 +1,8 @@
-"""The B'MOJO mixer (DESIGN.md §3–§4, §7): sliding-window attention whose keys also hold
-fading tokens (outputs of its own Mamba-2 mixer) and an eidetic memory of past tokens
-selected by the innovation test. ``eidetic_capacity=0`` is B'MOJO-F (the `F` layer).
+"""The B'MOJO mixer (DESIGN.md §3–§5, §7): sliding-window attention whose keys also hold
+fading tokens (outputs of its own Mamba-2 mixer), an eidetic memory of past tokens
+selected by the innovation test and, with ``storage_blocks = r > 0``, the ``r`` blocks of
+older raw tokens best matching the previous chunk's queries, retrieved from a block store
+(:mod:`bmojo.ops.storage`). ``eidetic_capacity=0`` is B'MOJO-F (the `F` layer).
 
 The parameters of the attention part have the same names as :class:`Attention`'s, so a
 sliding-window layer's weights load into it (DESIGN.md §8.4).
@@ -30,6 +32,15 @@ from bmojo.ops.eidetic import (
     selection_scores,
 )
 from bmojo.ops.rope import apply_rope
+from bmojo.ops.storage import (
+    OVERFLOW_POLICIES,
+    BlockStore,
+    block_positions,
+    capacity_from_budget,
+    retrieval_per_chunk,
+    retrieve,
+    stored_block_count,
+)
 
 EIDETIC_ROPE_MODES = ("none", "absolute", "window_edge")
 
@@ -49,6 +60,14 @@ class BMojoCache:
     cand_k: Tensor | None = None  # [B, C, Hkv, dh]: the current chunk's tokens, slot = position mod C
     cand_v: Tensor | None = None  # [B, C, Hkv, dh]
     cand_score: Tensor | None = None  # [B, C]: their selection scores
+    # Long-term eidetic memory in storage (DESIGN.md §5); the store itself grows, the rest is fixed.
+    store: BlockStore | None = None
+    pending: KVBuffer | None = None  # ring of the last W+F+S+C tokens' k, v (as stored), not yet all in the store
+    chunk_q: Tensor | None = None  # [B, C, H, dh]: eidetic queries of the current chunk, slot = position mod C
+    ret_block: Tensor | None = None  # [B, r]: blocks retrieved for the current chunk, -1 = empty
+    ret_pos: Tensor | None = None  # [B, r*S]: positions of their tokens, -1 = empty
+    ret_k: Tensor | None = None  # [B, r*S, Hkv, dh]
+    ret_v: Tensor | None = None  # [B, r*S, Hkv, dh]
 
 
 def gather_positions(t: Tensor, pos: Tensor) -> Tensor:
@@ -90,7 +109,12 @@ class BMojoMixer(Attention):
         expand: int = 2,
         ssm_headdim: int = 64,
         ssm_ngroups: int = 1,
+        storage_blocks: int = 0,
+        storage_block_size: int | None = None,
+        storage_budget_bytes: int = 0,
+        storage_overflow: str = "error",
     ):
+        storage_block_size = chunk_size if storage_block_size is None else storage_block_size
         checks = [
             ("window", isinstance(window, int) and window >= 1, "an integer >= 1"),
             ("fading_span", fading_span >= 0, ">= 0"),
@@ -103,6 +127,10 @@ class BMojoMixer(Attention):
             ("eidetic_policy", eidetic_policy in POLICIES, f"one of {POLICIES}"),
             ("selection", selection in SELECTIONS, f"one of {SELECTIONS}"),
             ("eidetic_rope", eidetic_rope in EIDETIC_ROPE_MODES, f"one of {EIDETIC_ROPE_MODES}"),
+            ("storage_blocks", storage_blocks >= 0, ">= 0 (0: no storage)"),
+            ("storage_block_size", storage_block_size >= 1, ">= 1"),
+            ("storage_budget_bytes", storage_budget_bytes >= 0, ">= 0 (0: no budget)"),
+            ("storage_overflow", storage_overflow in OVERFLOW_POLICIES, f"one of {OVERFLOW_POLICIES}"),
         ]
         for name, ok, allowed in checks:
             if not ok:
@@ -119,6 +147,10 @@ class BMojoMixer(Attention):
         self.eidetic_rope = eidetic_rope
         self.selection_seed = selection_seed
         self.ssm_residual = ssm_residual
+        self.storage_blocks = storage_blocks
+        self.storage_block_size = storage_block_size
+        self.storage_budget_bytes = storage_budget_bytes
+        self.storage_overflow = storage_overflow
         self.ssm = Mamba2Mixer(d_model, d_state=d_state, d_conv=d_conv, expand=expand, headdim=ssm_headdim,
                                ngroups=ssm_ngroups)
         kv_dim = n_kv_heads * self.head_dim
@@ -139,6 +171,37 @@ class BMojoMixer(Attention):
     @property
     def has_memory(self) -> bool:
         return self.eidetic_capacity > 0
+
+    @property
+    def has_storage(self) -> bool:
+        return self.storage_blocks > 0
+
+    def stored_blocks(self, n: int) -> int:
+        """Blocks in the store at the boundary before query chunk ``n`` (DESIGN.md §5)."""
+        return stored_block_count(n, self.window, self.fading_span, self.chunk_size, self.storage_block_size)
+
+    def storage_capacity(self, dtype: torch.dtype) -> int | None:
+        """Blocks the byte budget holds per sequence for keys of ``dtype`` (``None``: no budget)."""
+        return capacity_from_budget(self.storage_budget_bytes, self.storage_block_size, self.n_kv_heads,
+                                    self.head_dim, dtype)
+
+    def new_store(self, batch_size: int, dtype: torch.dtype, path=None) -> BlockStore:
+        """An empty store for this layer, in RAM or (``path``) in a memory-mapped file."""
+        return BlockStore(batch_size, self.storage_block_size, self.n_kv_heads, self.head_dim, dtype,
+                          self.storage_capacity(dtype), self.storage_overflow, path)
+
+    def open_store(self, batch_size: int, dtype: torch.dtype, path) -> BlockStore:
+        """This layer's store file at ``path``, written by an earlier decode (checked)."""
+        return BlockStore.open(path, batch_size, self.storage_block_size, self.n_kv_heads, self.head_dim, dtype,
+                               self.storage_capacity(dtype), self.storage_overflow)
+
+    def _dedupe(self, mem_pos: Tensor, ret_block: Tensor) -> Tensor:
+        """Eidetic slots ``mem_pos [..., M]`` whose token is also in a retrieved block
+        ``ret_block [..., r]`` are hidden (position ``-1``): each past token enters the union
+        softmax at most once."""
+        block = torch.where(mem_pos >= 0, mem_pos // self.storage_block_size, -2)
+        duplicate = (block[..., :, None] == ret_block[..., None, :]).any(-1)
+        return mem_pos.masked_fill(duplicate, -1)
 
     def fading_kv(self, f: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
         """Fading tokens: SSM outputs ``f [B, L, D]`` -> rotated ``kf``, ``vf [B, L, Hkv, dh]``."""
@@ -204,16 +267,31 @@ class BMojoMixer(Attention):
             kf, vf = self.fading_kv(f, cos, sin)
         aux = x.new_zeros((), dtype=torch.float32)
         memory = {}
+        nq = math.ceil(L / C)
+        if self.has_memory or self.has_storage:
+            k_eid, q_eid = self.eidetic_key(k, k_rot), self.eidetic_query(q, q_rot)  # as slots store / score them
+        slots = []  # per query chunk: positions [B, nq, n] of the past tokens in the attention keys
+        if self.has_storage:
+            max_blocks = (cache.store.max_blocks if cache is not None
+                          else self.storage_capacity(self.q_proj.weight.dtype))
+            ret_block = retrieval_per_chunk(q_eid.detach(), k_eid.detach(), self.storage_blocks, W, Fs, C,
+                                            self.storage_block_size, max_blocks,
+                                            self.storage_overflow)  # [B, L//C + 1, r]
+            slots.append(block_positions(ret_block[:, :nq], self.storage_block_size))  # [B, nq, r*S]
         if self.has_memory:
             f_prev = F.pad(f, (0, 0, 1, 0))[:, :L]  # f_{t-1}, zeros at t = 0
             score, aux = self._selection_scores(x, f_prev, positions)
             sel_pos, sel_score = select_per_chunk(score, C, self.eidetic_per_chunk, self.innovation_threshold)
             mem_pos, mem_score = eidetic_memory_per_chunk(sel_pos, sel_score, self.eidetic_capacity,
                                                           self.eidetic_policy)  # [B, L//C + 1, M]
-            k_eid = self.eidetic_key(k, k_rot)
-            visible_pos = mem_pos[:, : math.ceil(L / C)]  # memory seen by each query chunk
-            memory = dict(mem_k=gather_positions(k_eid, visible_pos), mem_v=gather_positions(v, visible_pos),
-                          mem_pos=visible_pos, q_mem=self.eidetic_query(q, q_rot))
+            visible_pos = mem_pos[:, :nq]  # memory seen by each query chunk
+            if self.has_storage:
+                visible_pos = self._dedupe(visible_pos, ret_block[:, :nq])
+            slots.insert(0, visible_pos)
+        if slots:
+            slot_pos = torch.cat(slots, -1)  # [B, nq, M + r*S]
+            memory = dict(mem_k=gather_positions(k_eid, slot_pos), mem_v=gather_positions(v, slot_pos),
+                          mem_pos=slot_pos, q_mem=q_eid)
         out = union_attention_chunked(q_rot, k_rot, v, W, Fs, kf, vf, chunk_size=C, **memory)
         if cache is not None:
             cache.raw.write(k_rot, v, 0)
@@ -223,6 +301,8 @@ class BMojoMixer(Attention):
             if self.has_memory:
                 self._fill_memory_cache(cache, k_eid.detach(), v.detach(), score, mem_pos[:, L // C],
                                         mem_score[:, L // C])
+            if self.has_storage:
+                self._fill_storage_cache(cache, q_eid.detach(), k_eid.detach(), v.detach(), ret_block[:, L // C])
         y = self.o_proj(out.flatten(-2))
         return (y + f if self.ssm_residual else y), aux
 
@@ -242,9 +322,37 @@ class BMojoMixer(Attention):
         cache.cand_v[:, :n] = v[:, start:]
         cache.cand_score[:, :n] = score[:, start:]
 
+    def _fill_storage_cache(self, cache: BMojoCache, q_eid: Tensor, k_eid: Tensor, v: Tensor,
+                            ret_block: Tensor) -> None:
+        """After a prefill of ``L`` tokens: the store as the boundaries ``1 .. L//C`` left it,
+        the blocks retrieved for the current chunk, its queries so far, and the pending tokens."""
+        L, C, S = k_eid.shape[1], self.chunk_size, self.storage_block_size
+        if cache.store.written:
+            raise ValueError("a prefill needs an empty block store (this cache's store already holds blocks)")
+        for block in range(self.stored_blocks(L // C)):
+            cache.store.append(block, k_eid[:, block * S: (block + 1) * S], v[:, block * S: (block + 1) * S])
+        cache.ret_block = ret_block.clone()
+        cache.ret_pos = block_positions(ret_block, S)
+        cache.ret_k = gather_positions(k_eid, cache.ret_pos).to(cache.ret_k.dtype)
+        cache.ret_v = gather_positions(v, cache.ret_pos).to(cache.ret_v.dtype)
+        start = (L // C) * C
+        cache.chunk_q[:, : L - start] = q_eid[:, start:]
+        cache.pending.write(k_eid, v, 0)
+
+    def _storage_boundary(self, cache: BMojoCache, n: int) -> None:
+        """At the boundary before query chunk ``n``: write the blocks that became old enough,
+        then retrieve the ``r`` best for chunk ``n`` with the queries of chunk ``n - 1``."""
+        S, ring = self.storage_block_size, cache.pending
+        for block in range(cache.store.written, self.stored_blocks(n)):
+            slots = torch.arange(block * S, (block + 1) * S, device=ring.pos.device) % ring.pos.shape[0]
+            cache.store.append(block, ring.k[:, slots], ring.v[:, slots])
+        cache.ret_block, cache.ret_k, cache.ret_v = retrieve(cache.store, cache.chunk_q, self.storage_blocks)
+        cache.ret_pos = block_positions(cache.ret_block, S)
+
     def step(self, x: Tensor, cache: BMojoCache, position: int) -> Tensor:
         """One token ``x [B, D]`` at absolute ``position`` -> ``[B, D]``, cost
-        ``O(W + F + M)`` whatever the position."""
+        ``O(W + F + M + r·S)`` attention whatever the position, plus, once per chunk, scoring
+        the store's block summaries (linear in the number of stored blocks)."""
         W, Fs = self.window, self.fading_span
         t = position
         f = self.ssm.step(x, cache.ssm)  # [B, D]
@@ -261,15 +369,32 @@ class BMojoMixer(Attention):
             values.append(cache.fading.v)
             visible.append((fpos >= 0) & (fpos <= t - W) & (fpos >= t - W - Fs + 1))
         memory = {}
+        if self.has_memory or self.has_storage:
+            q_eid, k_eid = self.eidetic_query(q, q_rot)[:, 0], self.eidetic_key(k, k_rot)  # [B, H, dh], [B, 1, Hkv, dh]
+        slot_k, slot_v, slot_pos = [], [], []
         if self.has_memory:
-            memory = dict(q_mem=self.eidetic_query(q, q_rot)[:, 0], mem_k=cache.mem_k, mem_v=cache.mem_v,
-                          mem_visible=(cache.mem_pos >= 0) & (cache.mem_pos <= t - W))
+            slot_k.append(cache.mem_k)
+            slot_v.append(cache.mem_v)
+            slot_pos.append(self._dedupe(cache.mem_pos, cache.ret_block) if self.has_storage else cache.mem_pos)
+        if self.has_storage:
+            slot_k.append(cache.ret_k)
+            slot_v.append(cache.ret_v)
+            slot_pos.append(cache.ret_pos)
+        if slot_k:
+            mem_pos = torch.cat(slot_pos, 1)  # [B, M + r*S]
+            memory = dict(q_mem=q_eid, mem_k=torch.cat(slot_k, 1), mem_v=torch.cat(slot_v, 1),
+                          mem_visible=(mem_pos >= 0) & (mem_pos <= t - W))
         out = union_attention_step(q_rot[:, 0], torch.cat(keys, 1), torch.cat(values, 1), torch.cat(visible),
                                    **memory)
         if self.has_memory:
             positions = torch.tensor([t], device=x.device)
             score, _ = self._selection_scores(x[:, None], cache.prev_f[:, None], positions)
-            self._add_candidate(cache, self.eidetic_key(k, k_rot)[:, 0].detach(), v[:, 0].detach(), score[:, 0], t)
+            self._add_candidate(cache, k_eid[:, 0].detach(), v[:, 0].detach(), score[:, 0], t)
+        if self.has_storage:
+            cache.pending.write(k_eid, v, t)
+            cache.chunk_q[:, t % self.chunk_size] = q_eid.detach().to(cache.chunk_q.dtype)
+            if (t + 1) % self.chunk_size == 0:
+                self._storage_boundary(cache, (t + 1) // self.chunk_size)
         cache.prev_f.copy_(f.detach())
         y = self.o_proj(out.flatten(-2))
         return y + f if self.ssm_residual else y
@@ -297,7 +422,9 @@ class BMojoMixer(Attention):
         cache.mem_score = torch.cat([cache.mem_score, sel_score], 1).gather(1, idx)
         cache.cand_score.fill_(float("-inf"))
 
-    def new_cache(self, batch_size: int, max_seq_len: int = 0, device=None, dtype=None) -> BMojoCache:
+    def new_cache(self, batch_size: int, max_seq_len: int = 0, device=None, dtype=None,
+                  store: BlockStore | None = None) -> BMojoCache:
+        """An empty cache; with storage, ``store`` (default: a new RAM store) is its block store."""
         device = device or self.q_proj.weight.device
         dtype = dtype or self.q_proj.weight.dtype
         hkv, dh, C, M = self.n_kv_heads, self.head_dim, self.chunk_size, self.eidetic_capacity
@@ -315,4 +442,16 @@ class BMojoMixer(Attention):
             cache.cand_k = torch.zeros(batch_size, C, hkv, dh, device=device, dtype=dtype)
             cache.cand_v = torch.zeros(batch_size, C, hkv, dh, device=device, dtype=dtype)
             cache.cand_score = torch.full((batch_size, C), float("-inf"), device=device)
+        if self.has_storage:
+            r, S = self.storage_blocks, self.storage_block_size
+            cache.store = store if store is not None else self.new_store(batch_size, dtype)
+            cache.pending = KVBuffer.empty(batch_size, self.window + self.fading_span + S + C, hkv, dh, False,
+                                           device, dtype)
+            cache.chunk_q = torch.zeros(batch_size, C, self.n_heads, dh, device=device, dtype=dtype)
+            cache.ret_block = torch.full((batch_size, r), -1, dtype=torch.long, device=device)
+            cache.ret_pos = torch.full((batch_size, r * S), -1, dtype=torch.long, device=device)
+            cache.ret_k = torch.zeros(batch_size, r * S, hkv, dh, device=device, dtype=dtype)
+            cache.ret_v = torch.zeros(batch_size, r * S, hkv, dh, device=device, dtype=dtype)
+        elif store is not None:
+            raise ValueError("a block store was given to a layer without storage (storage_blocks=0)")
         return cache

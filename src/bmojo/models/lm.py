@@ -21,6 +21,7 @@ from bmojo.layers.mlp import SwiGLU
 from bmojo.layers.norm import RMSNorm
 from bmojo.models.cache import ModelCache
 from bmojo.models.sampling import stream_generate
+from bmojo.ops.storage import store_file_name
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -53,6 +54,8 @@ def build_mixer(kind: str, cfg: ModelConfig) -> nn.Module:
         tie_fading_proj=cfg.tie_fading_proj, qk_norm=cfg.qk_norm, rope_theta=cfg.rope_theta,
         norm_eps=cfg.norm_eps, d_state=cfg.d_state, d_conv=cfg.d_conv, expand=cfg.expand,
         ssm_headdim=cfg.ssm_headdim, ssm_ngroups=cfg.ssm_ngroups,
+        storage_blocks=cfg.storage_blocks if kind == "B" else 0, storage_block_size=cfg.storage_block_size,
+        storage_budget_bytes=cfg.storage_budget_bytes, storage_overflow=cfg.storage_overflow,
     )
 
 
@@ -83,10 +86,16 @@ class Block(nn.Module):
         y = self.mixer.step(x, cache) if self.kind == "S" else self.mixer.step(x, cache, position)
         return self._mlp(h + y)
 
-    def new_cache(self, batch_size: int, max_seq_len: int, device, dtype):
+    def new_cache(self, batch_size: int, max_seq_len: int, device, dtype, store=None):
         if self.kind == "S":
             return self.mixer.new_cache(batch_size, device, dtype)
+        if store is not None:
+            return self.mixer.new_cache(batch_size, max_seq_len, device, dtype, store=store)
         return self.mixer.new_cache(batch_size, max_seq_len, device, dtype)
+
+    @property
+    def has_storage(self) -> bool:
+        return isinstance(self.mixer, BMojoMixer) and self.mixer.has_storage
 
 
 class LanguageModel(nn.Module):
@@ -157,14 +166,48 @@ class LanguageModel(nn.Module):
         cache.position += 1
         return self.lm_head(self.norm(h))
 
-    def new_cache(self, batch_size: int, device=None, dtype=None, max_seq_len: int | None = None) -> ModelCache:
+    def new_cache(self, batch_size: int, device=None, dtype=None, max_seq_len: int | None = None,
+                  storage_dir: str | Path | None = None) -> ModelCache:
         """An empty decoding cache. Fixed size, except full-attention layers, whose KV buffer
-        starts at ``max_seq_len`` (default ``config.max_seq_len``) and doubles when full."""
+        starts at ``max_seq_len`` (default ``config.max_seq_len``) and doubles when full.
+
+        With storage (``storage_blocks > 0``) each B'MOJO layer also gets a block store
+        (DESIGN.md §5): in host RAM, or with ``storage_dir`` one memory-mapped file per layer
+        in that directory (existing store files there are overwritten)."""
         device = device if device is not None else self.embed.weight.device
         dtype = dtype or self.embed.weight.dtype
         max_seq_len = max_seq_len or self.config.max_seq_len
-        layers = [block.new_cache(batch_size, max_seq_len, device, dtype) for block in self.blocks]
-        return ModelCache(layers=layers, batch_size=batch_size)
+        if storage_dir is not None and not any(block.has_storage for block in self.blocks):
+            raise ValueError("storage_dir is given but no layer has storage: set storage_blocks > 0")
+        layers = []
+        for index, block in enumerate(self.blocks):
+            store = None
+            if storage_dir is not None and block.has_storage:
+                store = block.mixer.new_store(batch_size, dtype, Path(storage_dir) / store_file_name(index))
+            layers.append(block.new_cache(batch_size, max_seq_len, device, dtype, store))
+        return ModelCache(layers=layers, batch_size=batch_size, dtype=dtype)
+
+    def load_cache(self, path: str | Path, storage_dir: str | Path | None = None, device=None) -> ModelCache:
+        """A cache written by :meth:`ModelCache.save`, with its layers' block stores reopened
+        from ``storage_dir`` (checked: header, length, checksums, and the number of blocks the
+        cache's position implies), so that decoding continues exactly where it stopped."""
+        device = device if device is not None else self.embed.weight.device
+        state = torch.load(path, map_location=device, weights_only=True)
+        dtype = getattr(torch, state["dtype"])
+        cache = self.new_cache(state["batch_size"], device=device, dtype=dtype)
+        cache.load_state(state)
+        for index, (block, layer) in enumerate(zip(self.blocks, cache.layers, strict=True)):
+            if not block.has_storage:
+                continue
+            if storage_dir is None:
+                raise ValueError(f"{path}: this model has storage; pass the storage_dir its decode wrote to")
+            store = block.mixer.open_store(cache.batch_size, dtype, Path(storage_dir) / store_file_name(index))
+            expected = block.mixer.stored_blocks(cache.position // block.mixer.chunk_size)
+            if store.written != expected:
+                raise ValueError(f"block store {store.path} holds {store.written} blocks, the cache at position "
+                                 f"{cache.position} expects {expected}: store and cache come from different decodes")
+            layer.store = store
+        return cache
 
     @torch.no_grad()
     def generate(
