@@ -88,3 +88,24 @@ def test_eval_refuses_a_checkpoint_of_another_vocabulary(data_dir, tmp_path, cap
     capsys.readouterr()
     assert main(["eval", "--task", "lm", "--ckpt", str(tmp_path), "--data", str(data_dir), "--lengths", "8"]) == 2
     assert "not the same tokenizer" in capsys.readouterr().err
+
+
+def test_generate_with_a_disk_block_store(data_dir, tmp_path, capsys):
+    out = tmp_path / "bmojo-storage"
+    assert main(["train", "--task", "lm", "--data", str(data_dir), "--arch", "bmojo", "--out", str(out),
+                 "--max-steps", "2", "--storage-blocks", "2", "--storage-block-size", "4", *TINY]) == 0
+    capsys.readouterr()
+    argv = ["generate", "--ckpt", str(out), "--prompt", "B'MOJO keeps what it has seen, " * 3,
+            "--max-new-tokens", "40", "--seed", "1"]
+    assert main(argv) == 0
+    in_ram = capsys.readouterr().out
+    store_dir = tmp_path / "store"
+    assert main([*argv, "--storage", str(store_dir)]) == 0
+    assert capsys.readouterr().out == in_ram  # the same decode, its blocks in memory-mapped files
+    assert any(path.stat().st_size > 0 for path in store_dir.iterdir())
+    without_storage = tmp_path / "swa-no-storage"
+    assert main(["train", "--task", "lm", "--data", str(data_dir), "--arch", "swa", "--out", str(without_storage),
+                 "--max-steps", "1", *TINY]) == 0
+    capsys.readouterr()
+    assert main(["generate", "--ckpt", str(without_storage), "--prompt", "x", "--storage", str(store_dir)]) == 2
+    assert "no layer has storage" in capsys.readouterr().err

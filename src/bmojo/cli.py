@@ -337,8 +337,12 @@ def cmd_generate(args: argparse.Namespace) -> int:
     new_ids: list[int] = []
     shown = ""
     tokens = torch.tensor([prompt])
+    cache = None
+    if args.storage:
+        Path(args.storage).mkdir(parents=True, exist_ok=True)
+        cache = model.new_cache(1, storage_dir=args.storage)
     for token in stream_generate(model, tokens, args.max_new_tokens, args.temperature, args.top_k, args.top_p,
-                                 args.seed):
+                                 args.seed, cache=cache):
         new_ids.append(int(token[0]))
         text = tokenizer.decode(new_ids)
         if not text.endswith("\ufffd"):  # hold back a character whose bytes are still coming
@@ -501,6 +505,9 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--top-k", type=positive_int, default=None, help="sample among the k most likely")
     generate.add_argument("--top-p", type=float, default=None, help="nucleus sampling mass")
     generate.add_argument("--seed", type=int, default=None, help="sampling seed (reproducible output)")
+    generate.add_argument("--storage", default=None, metavar="DIR",
+                          help="keep the block stores of a model with storage_blocks > 0 in memory-mapped files "
+                               "in DIR instead of RAM (DESIGN.md §5)")
     generate.add_argument("--device", default=None, help="torch device; none: cpu")
     generate.set_defaults(func=cmd_generate)
     return parser

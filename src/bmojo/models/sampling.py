@@ -48,14 +48,16 @@ def stream_generate(
     top_k: int | None = None,
     top_p: float | None = None,
     seed: int | None = None,
+    cache=None,
 ) -> Iterator[Tensor]:
-    """Prefill ``tokens [B, L]`` once into a fresh fixed-size cache, then yield each new token
-    ``[B]`` as soon as it is sampled; each step costs the same whatever the context length
-    (DESIGN.md §7). ``model`` is a :class:`bmojo.models.lm.LanguageModel`."""
+    """Prefill ``tokens [B, L]`` once into a fixed-size cache (``cache``, empty, e.g. one with
+    a disk block store; default: a fresh one), then yield each new token ``[B]`` as soon as it
+    is sampled; each step costs the same whatever the context length (DESIGN.md §7).
+    ``model`` is a :class:`bmojo.models.lm.LanguageModel`."""
     if max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
     tokens = tokens.to(model.embed.weight.device)
-    cache = model.new_cache(tokens.shape[0])
+    cache = model.new_cache(tokens.shape[0]) if cache is None else cache
     logits = model(tokens, cache).logits[:, -1]  # [B, V]
     generator = None
     if seed is not None:
