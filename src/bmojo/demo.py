@@ -152,8 +152,10 @@ def _train_in_process(runs: list[tuple[RecallRun, Path]], device: str | None, pr
 
 def _expected_cost(run: RecallRun) -> int:
     """Relative cost of a run's layers, to start the slowest runs first (the lanes then end
-    together): layers with an SSM branch cost about twice an attention layer per step."""
-    return sum({"B": 3, "F": 3, "S": 2}.get(kind, 1) for kind in run.model_config().layer_pattern)
+    together). Measured per demo step on one thread: a B'MOJO layer costs about three
+    attention layers, a Mamba-2 layer two."""
+    return run.train.max_steps * sum({"B": 3, "F": 3, "S": 2}.get(kind, 1)
+                                     for kind in run.model_config().layer_kinds)
 
 
 def _worker_init(threads: int) -> None:
