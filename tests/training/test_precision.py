@@ -58,7 +58,12 @@ def test_the_trainer_runs_and_logs_the_resolved_precision(tmp_path, measured_spe
     trainer = Trainer(model, TrainConfig(max_steps=1, warmup_steps=0, batch_size=2), batches, tmp_path,
                       progress=False)
     original_forward = model.forward
-    model.forward = lambda *a, **k: (seen.append(torch.is_autocast_enabled("cpu")), original_forward(*a, **k))[1]
+
+    def recording_forward(*args, **kwargs):
+        seen.append(torch.is_autocast_enabled("cpu"))
+        return original_forward(*args, **kwargs)
+
+    model.forward = recording_forward
     trainer.fit()
     assert seen[-1] is autocast  # inside the forward, autocast is on exactly when bf16 was chosen
     events = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]

@@ -99,8 +99,8 @@ def train_lm(run: LMRun, out_dir: str | Path, resume: bool = False, device: str 
         window = shards.batch("train", step * accum + micro, batch_size, run.seq_len, seed=run.train.seed)
         return Batch(inputs=window[:, :-1], labels=window[:, 1:])  # [B, seq_len] each
 
-    def validate(m: LanguageModel) -> dict[str, float]:
-        return validation_loss(m, shards, run.seq_len, run.eval_tokens, run.train.precision)
+    def validate(m: LanguageModel) -> dict[str, float]:  # in the precision the trainer resolved (same on every rank)
+        return validation_loss(m, shards, run.seq_len, run.eval_tokens, trainer.precision)
 
     trainer = Trainer(model, run.train, batches, out_dir, evaluate=validate, device=device, progress=progress,
                       distributed=distributed)
