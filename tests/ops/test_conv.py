@@ -31,3 +31,12 @@ def test_conv_is_causal_by_definition():
     x2 = x.clone()
     x2[:, 6:] = 0
     torch.testing.assert_close(causal_depthwise_conv1d(x2, w, None)[:, :6], y[:, :6])
+
+
+def test_fast_conv_gradcheck_float64():
+    """The hand-written backward against finite differences."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 7, 3, generator=g, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(3, 1, 4, generator=g, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(3, generator=g, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(causal_depthwise_conv1d, (x, w, b))

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import functools
+import math
 
 import pytest
 import torch
 
 from bmojo.ops import ssd_chunked, ssd_sequential, ssd_step
+from bmojo.ops.ssd import decay, ssd_chunk_size
 
 B_, H, P, N = 2, 4, 8, 8
 GRAD_NAMES = ("x", "dt", "A", "B", "C", "D", "initial_state")
@@ -82,6 +84,43 @@ def test_chunked_matches_sequential(l, chunk_size, g, with_init, with_d):
         # dA sums over b*l*h*p*n terms: scale its tolerance with its magnitude.
         atol = 1e-4 * max(1.0, ref.abs().max().item())
         torch.testing.assert_close(grads[name], ref, atol=atol, rtol=1e-4, msg=name)
+
+
+@pytest.mark.parametrize("chunk_size", [4, 16])
+def test_chunked_matches_sequential_when_decays_underflow(chunk_size):
+    """Decays far below float32's normal range (``dt·A`` down to -150 per step, so chunk sums
+    reach -2400) are flushed to zero in both paths; outputs, states and gradients still agree
+    and stay finite."""
+    inputs = make_inputs(40, 1, seed=11)
+    inputs["dt"] = inputs["dt"] * 5.0  # up to 0.5
+    inputs["A"] = inputs["A"] * 20.0  # down to -320
+    y_ref, s_ref, g_ref = run_with_grads(ssd_sequential, inputs)
+    y, s, grads = run_with_grads(ssd_chunked, inputs, chunk_size=chunk_size)
+    torch.testing.assert_close(y, y_ref, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(s, s_ref, atol=1e-5, rtol=1e-4)
+    for name, ref in g_ref.items():
+        assert torch.isfinite(grads[name]).all(), name
+        torch.testing.assert_close(grads[name], ref, atol=1e-4 * max(1.0, ref.abs().max().item()), rtol=1e-4,
+                                   msg=name)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_decay_is_exp_with_subnormal_results_flushed_to_zero(dtype):
+    tiny = torch.finfo(dtype).tiny
+    in_range = torch.tensor([0.0, -1e-3, -1.0, -20.0, -80.0, -86.9], dtype=dtype)
+    torch.testing.assert_close(decay(in_range), torch.exp(in_range), rtol=0, atol=0)
+    below = torch.tensor([math.log(tiny) - 0.5, -1e4, float("-inf")], dtype=dtype)
+    assert (decay(below) == 0).all()
+    leaf = torch.cat([in_range, below]).requires_grad_(True)
+    decay(leaf).sum().backward()
+    expected = torch.cat([torch.exp(in_range), torch.zeros_like(below)])
+    torch.testing.assert_close(leaf.grad, expected, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(("headdim", "d_state", "expected"), [(32, 4, 16), (32, 16, 32), (64, 64, 64),
+                                                              (64, 128, 64), (8, 8, 16)])
+def test_ssd_chunk_size_balances_chunk_tensors(headdim, d_state, expected):
+    assert ssd_chunk_size(headdim, d_state) == expected
 
 
 def test_final_state_not_changed_by_padding():

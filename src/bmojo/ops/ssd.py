@@ -24,6 +24,7 @@ Shapes: ``x [b, l, h, p]``, ``dt [b, l, h]`` (already positive), ``A [h]`` (nega
 from __future__ import annotations
 
 import functools
+import math
 
 import torch
 import torch.nn.functional as F
@@ -82,8 +83,8 @@ def ssd_step(
     xf, dtf = x.to(acc), dt.to(acc)
     Bh = _heads_from_groups(B.to(acc), h)  # [b, h, n]
     Ch = _heads_from_groups(C.to(acc), h)  # [b, h, n]
-    decay = torch.exp(dtf * A.to(acc))  # [b, h]
-    new_state = decay[..., None, None] * state.to(acc) + (dtf[..., None] * xf)[..., None] * Bh[:, :, None, :]
+    decay_t = decay(dtf * A.to(acc))  # [b, h]
+    new_state = decay_t[..., None, None] * state.to(acc) + (dtf[..., None] * xf)[..., None] * Bh[:, :, None, :]
     y = torch.einsum("bhpn,bhn->bhp", new_state, Ch)
     if D is not None:
         y = y + D.to(acc)[:, None] * xf
@@ -115,9 +116,29 @@ def ssd_sequential(
     return y, state
 
 
+def ssd_chunk_size(headdim: int, d_state: int) -> int:
+    """A chunk size for :func:`ssd_chunked`: the power of two at or above ``sqrt(p·n)``,
+    between 16 and 64. Per head, the in-chunk decay and score tensors hold ``L·Q`` entries
+    and the chunk states ``L·p·n/Q``; this ``Q`` balances the two (measured in
+    docs/performance.md: 16 at the demo's ``p=32, n=4``, 64 at ``p=n=64``)."""
+    return min(64, max(16, 2 ** math.ceil(math.log2(math.sqrt(headdim * d_state)))))
+
+
+def decay(log_decay: Tensor) -> Tensor:
+    """``exp(log_decay)`` with results below the dtype's normal range flushed to zero.
+
+    Identical to ``torch.exp`` except that a subnormal result is 0, as under flush-to-zero.
+    The reason is speed: on x86 CPUs PyTorch's float32 ``exp`` of an argument below
+    ``log(finfo.tiny)`` (about -87.3, which a decay summed over a chunk often is, and ``-inf``
+    always is) runs about 100x slower than in range (docs/performance.md).
+    """
+    floor = math.ceil(math.log(torch.finfo(log_decay.dtype).tiny))  # -87 for float32: exp(floor) is normal
+    return torch.where(log_decay >= floor, torch.exp(log_decay.clamp(min=floor)), 0.0)
+
+
 def decay_matrix(a: Tensor) -> Tensor:
     """``[..., T] -> [..., T, T]``: ``exp(a[j+1] + ... + a[i])`` for ``i >= j`` and ``0``
-    above the diagonal, the causal decay inside a chunk.
+    above the diagonal, the causal decay inside a chunk (through :func:`decay`).
 
     Computed as a difference of cumulative sums taken in float64 (one subtraction per entry,
     instead of a masked cumulative sum over a ``[T, T]`` tensor); the wide accumulation keeps
@@ -126,8 +147,8 @@ def decay_matrix(a: Tensor) -> Tensor:
     T = a.shape[-1]
     a_cumsum = torch.cumsum(a.double(), dim=-1)
     diff = (a_cumsum[..., :, None] - a_cumsum[..., None, :]).to(a.dtype)  # [..., i, j]
-    lower = torch.ones(T, T, dtype=torch.bool, device=a.device).tril(0)
-    return torch.exp(diff.masked_fill(~lower, float("-inf")))
+    upper = torch.ones(T, T, dtype=torch.bool, device=a.device).triu(1)
+    return decay(diff.masked_fill(upper, float("-inf")))
 
 
 @_without_autocast
@@ -146,52 +167,65 @@ def ssd_chunked(
     The sequence is padded to a multiple of ``chunk_size`` with ``dt = 0`` (no decay, no
     input), which leaves the final state unchanged. Returns
     ``(y [b, l, h, p], final_state [b, h, p, n])``.
+
+    Everything is laid out head-major and contiguous (``[b, h, c, Q, *]``, one copy in and
+    one out), so every product is a plain batched matmul; ``C·B`` is computed once per
+    group and broadcast over the group's heads.
     """
     _check_shapes(x, dt, A, B, C)
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     b, l, h, p = x.shape
-    n = B.shape[-1]
+    g, n = B.shape[-2:]
     out_dtype = x.dtype
     Q = chunk_size
     pad = (-l) % Q
-    acc = accumulation_dtype(x.dtype)
-    xf, dtf, Bf, Cf = x.to(acc), dt.to(acc), B.to(acc), C.to(acc)
-    if pad:
-        xf = F.pad(xf, (0, 0, 0, 0, 0, pad))
-        dtf = F.pad(dtf, (0, 0, 0, pad))
-        Bf = F.pad(Bf, (0, 0, 0, 0, 0, pad))
-        Cf = F.pad(Cf, (0, 0, 0, 0, 0, pad))
     nc = (l + pad) // Q
-    Bh = _heads_from_groups(Bf, h).view(b, nc, Q, h, n)
-    Ch = _heads_from_groups(Cf, h).view(b, nc, Q, h, n)
-    x_dt = (xf * dtf[..., None]).view(b, nc, Q, h, p)  # [b, c, Q, h, p]
-    a = (dtf * A.to(acc)).view(b, nc, Q, h).permute(0, 3, 1, 2)  # [b, h, c, Q]
+    acc = accumulation_dtype(x.dtype)
+
+    def chunked(t: Tensor) -> Tensor:  # [b, l, k, e] -> [b, k, c, Q, e], padded with zeros, contiguous
+        t = F.pad(t.to(acc), (0, 0, 0, 0, 0, pad)) if pad else t.to(acc)
+        return t.permute(0, 2, 1, 3).reshape(b, t.shape[2], nc, Q, t.shape[3])
+
+    dtf = dt.to(acc)
+    x_dt = chunked(x * dtf[..., None])  # [b, h, c, Q, p]
+    Bc, Cc = chunked(B), chunked(C)  # [b, g, c, Q, n]
+    a = chunked((dtf * A.to(acc))[..., None])[..., 0]  # [b, h, c, Q]
     a_cumsum = torch.cumsum(a, dim=-1)  # [b, h, c, Q]
 
-    # 1. Within each chunk: y_i += sum_{j <= i} (C_i · B_j) exp(a_{j+1} + ... + a_i) dt_j x_j.
-    decay_in_chunk = decay_matrix(a)  # [b, h, c, Q(i), Q(j)]
-    scores = torch.einsum("bcihn,bcjhn->bhcij", Ch, Bh) * decay_in_chunk
-    y = torch.einsum("bhcij,bcjhp->bcihp", scores, x_dt)
+    def per_head(t: Tensor) -> Tensor:  # [b, g, ...] -> [b, g, 1, ...]: broadcasts over a group's heads
+        return t.unsqueeze(2)
 
-    # 2. State contributed by each chunk alone, at its end.
-    decay_to_end = torch.exp(a_cumsum[..., -1:] - a_cumsum)  # [b, h, c, Q]
-    chunk_states = torch.einsum("bcjhn,bhcj,bcjhp->bchpn", Bh, decay_to_end, x_dt)
+    def heads(t: Tensor) -> Tensor:  # [b, g, h/g, ...] -> [b, h, ...]
+        return t.reshape(b, h, *t.shape[3:])
+
+    def grouped(t: Tensor) -> Tensor:  # [b, h, ...] -> [b, g, h/g, ...]
+        return t.view(b, g, h // g, *t.shape[2:])
+
+    # 1. Within each chunk: y_i += sum_{j <= i} (C_i · B_j) exp(a_{j+1} + ... + a_i) dt_j x_j.
+    cb = Cc @ Bc.transpose(-1, -2)  # [b, g, c, Q(i), Q(j)]
+    scores = per_head(cb) * grouped(decay_matrix(a))  # [b, g, h/g, c, Q, Q]
+    y = heads(scores) @ x_dt  # [b, h, c, Q, p]
+
+    # 2. State contributed by each chunk alone, at its end: sum_j decay_j dt_j x_j ⊗ B_j.
+    decay_to_end = decay(a_cumsum[..., -1:] - a_cumsum)  # [b, h, c, Q]
+    weighted_x = grouped(x_dt * decay_to_end[..., None]).transpose(-1, -2)  # [b, g, h/g, c, p, Q]
+    chunk_states = heads(weighted_x @ per_head(Bc))  # [b, h, c, p, n]
 
     # 3. Recurrence over chunks, O(c): the state entering each chunk, and the final state.
-    chunk_decay = torch.exp(a_cumsum[..., -1])  # [b, h, c]: decay across a whole chunk
+    chunk_decay = decay(a_cumsum[..., -1])  # [b, h, c]: decay across a whole chunk
     state = chunk_states.new_zeros(b, h, p, n) if initial_state is None else initial_state.to(acc)
     entering = []
     for c in range(nc):
         entering.append(state)
-        state = chunk_decay[:, :, c, None, None] * state + chunk_states[:, c]
-    entering_states, final_state = torch.stack(entering, dim=1), state  # [b, c, h, p, n], [b, h, p, n]
+        state = chunk_decay[:, :, c, None, None] * state + chunk_states[:, :, c]
+    entering_states, final_state = torch.stack(entering, dim=2), state  # [b, h, c, p, n], [b, h, p, n]
 
     # 4. Contribution of the entering state to each position of the chunk.
-    decay_from_start = torch.exp(a_cumsum)  # [b, h, c, Q]
-    y = y + torch.einsum("bcihn,bchpn,bhci->bcihp", Ch, entering_states, decay_from_start)
+    from_state = heads(per_head(Cc) @ grouped(entering_states).transpose(-1, -2))  # [b, h, c, Q, p]
+    y = y + from_state * decay(a_cumsum)[..., None]
 
-    y = y.reshape(b, nc * Q, h, p)[:, :l]
+    y = y.view(b, h, nc * Q, p).transpose(1, 2)[:, :l]  # [b, l, h, p]
     if D is not None:
-        y = y + D.to(acc)[:, None] * xf[:, :l]
+        y = y + D.to(acc)[:, None] * x.to(acc)
     return y.to(out_dtype), final_state
