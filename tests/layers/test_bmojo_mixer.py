@@ -477,7 +477,8 @@ def test_predictor_is_trained_only_by_aux(policy: str, rank: int) -> None:
 
 def test_eidetic_keys_carry_gradient_to_k_and_v_proj() -> None:
     """With W = 1 and no fading tokens, a query without memory attends to itself only, so
-    ``k_proj`` gets no gradient at all; with memory it does, through the eidetic keys."""
+    ``k_proj`` gets no gradient (zero up to the rounding of the fused attention kernel); with
+    memory it does, through the eidetic keys."""
     kw = dict(window=1, fading_span=0, ssm_residual=False, qk_norm=False, rope="none")
     with_mem = make_mixer(seed=33, capacity=M, **kw)
     without = make_mixer(seed=34, capacity=0, **kw)
@@ -487,7 +488,7 @@ def test_eidetic_keys_carry_gradient_to_k_and_v_proj() -> None:
     g = torch.randn(BATCH, 30, D_MODEL, generator=torch.Generator().manual_seed(36))
     (with_mem(x) * g).sum().backward()
     (without(x) * g).sum().backward()
-    assert without.k_proj.weight.grad.abs().max() == 0
+    assert without.k_proj.weight.grad.abs().max() < 1e-5
     assert with_mem.k_proj.weight.grad.abs().max() > 1e-3
     assert not torch.allclose(with_mem.v_proj.weight.grad, without.v_proj.weight.grad, atol=1e-3)
 

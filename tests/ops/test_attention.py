@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from bmojo.ops import union_attention_chunked, union_attention_reference, union_attention_step
+from bmojo.ops.attention import DENSE_WINDOW_MAX_LEN, dense_window_is_faster, union_attention_blocks
 
 B_, H, DH = 2, 4, 8
 GRAD_NAMES = ("q", "k", "v", "kf", "vf", "mem_k", "mem_v", "q_mem")
@@ -64,9 +65,9 @@ def run_with_grads(fn, inputs, seed: int = 1, **kwargs):
     return out.detach(), dict(zip(names, grads, strict=True))
 
 
-def assert_same(inputs, atol=1e-5, **kwargs):
+def assert_same(inputs, atol=1e-5, fast=union_attention_chunked, **kwargs):
     out_ref, g_ref = run_with_grads(union_attention_reference, inputs, **kwargs)
-    out, grads = run_with_grads(union_attention_chunked, inputs, **kwargs)
+    out, grads = run_with_grads(fast, inputs, **kwargs)
     assert out.shape == inputs["q"].shape
     torch.testing.assert_close(out, out_ref, atol=atol, rtol=1e-4)
     assert grads.keys() == g_ref.keys()
@@ -101,6 +102,31 @@ def test_chunked_matches_reference(window, fading_span, capacity, l, chunk_size,
 def test_chunked_matches_reference_without_memory(window, fading_span, l, chunk_size, hkv):
     inputs = make_inputs(l, hkv, fading_span, None, chunk_size, seed=window + 3 * fading_span + l)
     assert_same(inputs, window=window, fading_span=fading_span, chunk_size=chunk_size)
+
+
+@pytest.mark.parametrize(("l", "chunk_size", "hkv"), [(1, 4, 1), (63, 8, 2), (100, 7, 1)])
+@pytest.mark.parametrize("window", [1, 8])
+def test_blocks_match_reference_for_plain_window(window, l, chunk_size, hkv):
+    """Short plain-window sequences go to the band-masked SDPA; the blocked path they skip
+    must still be right."""
+    inputs = make_inputs(l, hkv, 0, None, chunk_size, seed=window + 5 * l)
+    assert_same(inputs, window=window, chunk_size=chunk_size, fast=union_attention_blocks)
+
+
+@pytest.mark.parametrize("window", [3, 100])
+def test_plain_window_on_both_sides_of_the_dense_limit(window):
+    """The dispatch rule sends these to the band-masked SDPA and to the blocks respectively;
+    both equal the reference."""
+    short, long = DENSE_WINDOW_MAX_LEN, max(DENSE_WINDOW_MAX_LEN, 4 * window) + 1
+    assert dense_window_is_faster(short, window) and not dense_window_is_faster(long, window)
+    for l in (short, long):
+        inputs = make_inputs(l, 2, 0, None, 16, seed=l + window)
+        assert_same(inputs, window=window, chunk_size=16)
+
+
+def test_blocks_need_a_window():
+    with pytest.raises(ValueError, match="finite window"):
+        union_attention_blocks(**make_inputs(8, 2, 0, None, 4), window=None, chunk_size=4)
 
 
 def test_memory_without_q_mem_uses_q():

@@ -5,7 +5,11 @@ For each sequence length L it times, forward (under ``torch.no_grad``) and forwa
 - the SSD scan: ``ssd_chunked`` (fast) vs ``ssd_sequential`` (baseline, a Python loop);
 - the union attention: ``union_attention_chunked`` (fast) vs ``union_attention_reference``
   (baseline, dense L x L scores), as a B'MOJO layer calls it (raw window, fading tokens and
-  eidetic memory), as plain sliding-window attention, and as full causal attention.
+  eidetic memory), as plain sliding-window attention, and as full causal attention;
+- plain sliding-window attention (W=64) as ``union_attention_chunked`` runs it (one
+  band-masked SDPA up to ``max(256, 4W)`` positions, query blocks beyond) vs always in
+  query blocks (``union_attention_blocks``, the baseline): the measurement behind
+  :func:`bmojo.ops.attention.dense_window_is_faster`.
 
 Baseline and fast path run alternately in the same loop, so that machine noise hits both.
 Each row gives the median and the spread (min-max) in ms, and the ratio
@@ -33,12 +37,13 @@ import torch
 from torch import Tensor
 
 from bmojo.bench.common import machine_info, parse_int_list, require_at_least, resolve_device, timed
-from bmojo.ops.attention import union_attention_chunked, union_attention_reference
+from bmojo.ops.attention import union_attention_blocks, union_attention_chunked, union_attention_reference
 from bmojo.ops.ssd import ssd_chunked, ssd_sequential
 
 SSD_HEADS, SSD_HEAD_DIM, SSD_GROUPS, SSD_STATE, SSD_CHUNK = 8, 64, 1, 64, 64
 ATTN_HEADS, ATTN_KV_HEADS, ATTN_HEAD_DIM = 8, 4, 64
 WINDOW, FADING_SPAN, ATTN_CHUNK, MEMORY_SLOTS = 256, 256, 256, 64
+SHORT_WINDOW = 64  # the window of the band-mask vs blocks comparison (blocks of the same size)
 
 # From this length on, the sequential SSD (a Python loop, about a minute forward+backward at
 # L=4096 on two cores) is timed SEQUENTIAL_LONG_REPEATS times, without warmup runs.
@@ -153,12 +158,35 @@ def attention_case(
     )
 
 
+def window_dispatch_case(batch: int, length: int) -> Case:
+    """Plain sliding-window attention, ``W = C = SHORT_WINDOW``: always in query blocks
+    (baseline) against ``union_attention_chunked``'s choice."""
+    b, l, h, hkv, dh = batch, length, ATTN_HEADS, ATTN_KV_HEADS, ATTN_HEAD_DIM
+    kwargs: dict[str, object] = {
+        "q": torch.randn(b, l, h, dh, requires_grad=True),
+        "k": torch.randn(b, l, hkv, dh, requires_grad=True),
+        "v": torch.randn(b, l, hkv, dh, requires_grad=True),
+        "window": SHORT_WINDOW,
+        "chunk_size": SHORT_WINDOW,
+    }
+    # Blocks hold about five [b, h, L, 2W] fp32 score tensors at their peak.
+    scores_bytes = b * h * l * 2 * SHORT_WINDOW * FP32_BYTES
+    return Case(
+        op=f"swa W={SHORT_WINDOW} dispatch",
+        baseline=union_attention_blocks,
+        fast=union_attention_chunked,
+        kwargs=kwargs,
+        baseline_peak_bytes={"fwd": 4 * scores_bytes, "fwd+bwd": 5 * scores_bytes},
+    )
+
+
 def build_cases(batch: int, length: int) -> list[Case]:
     return [
         ssd_case(batch, length),
         attention_case(batch, length, WINDOW, FADING_SPAN, MEMORY_SLOTS),
         attention_case(batch, length, WINDOW, fading_span=0, memory_slots=0),
         attention_case(batch, length, window=None, fading_span=0, memory_slots=0),
+        window_dispatch_case(batch, length),
     ]
 
 

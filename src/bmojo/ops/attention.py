@@ -16,8 +16,9 @@ Three functions compute it:
 
 - :func:`union_attention_reference`: dense ``L x L`` scores with explicit masks;
 - :func:`union_attention_chunked`: the fast path; queries in blocks of ``chunk_size``
-  against only the keys a block can see, never an ``L x L`` matrix; full causal attention
-  (``window=None``) goes to PyTorch's fused causal SDPA;
+  against only the keys a block can see, never an ``L x L`` matrix
+  (:func:`union_attention_blocks`); full causal attention (``window=None``), and plain
+  sliding-window attention over short sequences, go to PyTorch's fused SDPA;
 - :func:`union_attention_step`: one query against a decoding cache.
 
 Shapes: ``q [b, l, h, dh]``, ``k, v, kf, vf [b, l, hkv, dh]`` with ``h % hkv == 0``
@@ -126,6 +127,17 @@ def _shifted_blocks(t: Tensor, nq: int, C: int, lo: int, hi: int) -> tuple[Tenso
     return keys, torch.arange(first * C, (last + 1) * C, device=t.device)
 
 
+DENSE_WINDOW_MAX_LEN = 256
+
+
+def dense_window_is_faster(length: int, window: int) -> bool:
+    """Whether plain sliding-window attention over ``length`` positions runs faster as one
+    fused SDPA call with a band mask (``O(L²)`` work, one kernel) than in query blocks
+    (``O(L·(C+W))`` work, many small matmuls): up to ``max(256, 4·W)`` positions, from
+    ``bmojo bench ops`` (docs/performance.md)."""
+    return length <= max(DENSE_WINDOW_MAX_LEN, 4 * window)
+
+
 def union_attention_chunked(
     q: Tensor,
     k: Tensor,
@@ -143,27 +155,63 @@ def union_attention_chunked(
 ) -> Tensor:
     """Fast path, same arguments and result as :func:`union_attention_reference`.
 
-    Query block ``n`` (positions ``s = n*C .. s+C-1``) is scored against the whole key blocks
-    covering the raw keys ``[s-W+1, s+C-1]`` (``C·(1+⌈(W-1)/C⌉)`` keys), the fading keys
-    ``[s-W-F+1, s+C-1-W]`` (about ``C+F`` keys) and the ``M`` memory slots of its chunk:
-    ``O(L·(2C+W+F+M))`` work instead of ``O(L²)``. When the window covers the whole sequence this is full causal
-    attention, and runs as such.
+    In query blocks (:func:`union_attention_blocks`), except where PyTorch's fused SDPA does
+    the same work faster: full causal attention (also when the window covers the whole
+    sequence), and plain sliding-window attention (no fading token, no memory) over a
+    sequence short enough for :func:`dense_window_is_faster`, as one band-masked call.
     """
     _check_inputs(q, k, v, window, fading_span, kf, vf, mem_k, mem_v, mem_pos, chunk_size)
     b, l, h, dh = q.shape
-    hkv = k.shape[2]
-    group = h // hkv
-    scale = dh**-0.5 if scale is None else scale
     if window is not None and window >= l:
         # The window covers the whole sequence: no fading token (j <= i - W < 0) and no
         # eidetic slot (t <= i - W < 0) is visible, so this is exactly full causal attention.
         window = None
+    plain_window = window is not None and fading_span == 0 and mem_k is None
+    if window is not None and not (plain_window and dense_window_is_faster(l, window)):
+        return union_attention_blocks(q, k, v, window, fading_span, kf, vf, mem_k, mem_v, mem_pos, q_mem,
+                                      chunk_size, scale)
+    group = h // k.shape[2]
+    qh, kh, vh = (t.transpose(1, 2) for t in (q, k, v))
+    kh, vh = kh.repeat_interleave(group, dim=1), vh.repeat_interleave(group, dim=1)
     if window is None:
-        qh, kh, vh = (t.transpose(1, 2) for t in (q, k, v))
-        kh, vh = kh.repeat_interleave(group, dim=1), vh.repeat_interleave(group, dim=1)
         out = F.scaled_dot_product_attention(qh, kh, vh, is_causal=True, scale=scale)
-        return out.transpose(1, 2)
+    else:
+        i, j = torch.arange(l, device=q.device)[:, None], torch.arange(l, device=q.device)[None, :]
+        band = (j <= i) & (j > i - window)  # [l, l]
+        out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=band, scale=scale)
+    return out.transpose(1, 2)
 
+
+def union_attention_blocks(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    window: int,
+    fading_span: int = 0,
+    kf: Tensor | None = None,
+    vf: Tensor | None = None,
+    mem_k: Tensor | None = None,
+    mem_v: Tensor | None = None,
+    mem_pos: Tensor | None = None,
+    q_mem: Tensor | None = None,
+    chunk_size: int = 64,
+    scale: float | None = None,
+) -> Tensor:
+    """The blocked computation of :func:`union_attention_chunked` (finite ``window``), same
+    arguments and result as :func:`union_attention_reference`.
+
+    Query block ``n`` (positions ``s = n*C .. s+C-1``) is scored against the whole key blocks
+    covering the raw keys ``[s-W+1, s+C-1]`` (``C·(1+⌈(W-1)/C⌉)`` keys), the fading keys
+    ``[s-W-F+1, s+C-1-W]`` (about ``C+F`` keys) and the ``M`` memory slots of its chunk:
+    ``O(L·(2C+W+F+M))`` work instead of ``O(L²)``.
+    """
+    _check_inputs(q, k, v, window, fading_span, kf, vf, mem_k, mem_v, mem_pos, chunk_size)
+    if window is None:
+        raise ValueError("union_attention_blocks needs a finite window")
+    b, l, h, dh = q.shape
+    hkv = k.shape[2]
+    group = h // hkv
+    scale = dh**-0.5 if scale is None else scale
     C, W, Fs = min(chunk_size, l), window, fading_span  # a sequence shorter than a chunk is one block
     nq = math.ceil(l / C)
     device = q.device
