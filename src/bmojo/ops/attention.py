@@ -114,16 +114,16 @@ def _shifted_blocks(t: Tensor, nq: int, C: int, lo: int, hi: int) -> tuple[Tenso
     """For every block start ``s = n*C``, the keys at positions ``s+lo .. s+hi`` (and a few
     more), taken as whole blocks ``n + d`` for ``d = lo//C .. hi//C`` (zeros outside the sequence).
 
-    ``t [b, l, hkv, dh]`` -> ``(keys [b, nq, K, hkv, dh], offsets [K])`` where ``offsets`` are
-    the keys' positions relative to the block start. Built from slices of one padded view,
-    so the backward pass is a sum of slices (much cheaper than ``unfold``'s).
+    ``t [b, l, hkv, dh]`` -> ``(keys [b, hkv, nq, K, dh], offsets [K])``, head-major, where
+    ``offsets`` are the keys' positions relative to the block start. Built from slices of one
+    padded copy, so the backward pass is a sum of slices (much cheaper than ``unfold``'s).
     """
     first, last = lo // C, hi // C
     front, back = max(-first, 0), max(last, 0)
-    b, l = t.shape[:2]
-    padded = F.pad(t, (0, 0, 0, 0, front * C, (nq + back) * C - l))
-    blocks = padded.view(b, front + nq + back, C, *t.shape[2:])
-    keys = torch.cat([blocks[:, front + d: front + d + nq] for d in range(first, last + 1)], dim=2)
+    b, l, hkv, dh = t.shape
+    padded = F.pad(t.transpose(1, 2), (0, 0, front * C, (nq + back) * C - l))  # [b, hkv, l', dh]
+    blocks = padded.reshape(b, hkv, front + nq + back, C, dh)
+    keys = torch.cat([blocks[:, :, front + d: front + d + nq] for d in range(first, last + 1)], dim=3)
     return keys, torch.arange(first * C, (last + 1) * C, device=t.device)
 
 
@@ -217,10 +217,10 @@ def union_attention_blocks(
     device = q.device
     a = torch.arange(C, device=device)  # query offset inside the block
     block_start = torch.arange(nq, device=device) * C  # [nq]
-    q_blocks = F.pad(q, (0, 0, 0, 0, 0, nq * C - l)).view(b, nq, C, hkv, group, dh)
 
-    def block_scores(query: Tensor, keys: Tensor) -> Tensor:  # -> [b, nq, hkv, group, C, keys]
-        return torch.einsum("bnqkgd,bnrkd->bnkgqr", query, keys)
+    def head_major_blocks(query: Tensor) -> Tensor:  # [b, l, h, dh] -> [b, hkv, nq, group*C, dh]
+        padded = F.pad(query, (0, 0, 0, 0, 0, nq * C - l)).view(b, nq, C, hkv, group, dh)
+        return padded.permute(0, 3, 1, 4, 2, 5).reshape(b, hkv, nq, group * C, dh)
 
     def visible(offsets: Tensor, lo: Tensor, hi: Tensor) -> Tensor:
         """[nq, C, K]: key at ``s + offset`` is visible to query ``s + a`` iff
@@ -229,36 +229,35 @@ def union_attention_blocks(
         return in_range[None] & (block_start[:, None, None] + offsets[None, None, :] >= 0)
 
     # Raw window: keys j in [i-W+1, i], i.e. offsets in [a-W+1, a].
-    raw_k, offsets = _shifted_blocks(k, nq, C, -(W - 1), C - 1)
+    raw_k, offsets = _shifted_blocks(k, nq, C, -(W - 1), C - 1)  # [b, hkv, nq, K, dh]
     raw_v, _ = _shifted_blocks(v, nq, C, -(W - 1), C - 1)
-    scores = [block_scores(q_blocks, raw_k)]
-    masks = [visible(offsets, a - W + 1, a)[None, :, None, None]]
-    values = [raw_v]
-
+    keys, values, masks = [raw_k], [raw_v], [visible(offsets, a - W + 1, a)]  # masks [nq, C, K]
     if Fs > 0:
         # Fading tokens: j in [i-W-F+1, i-W], i.e. offsets in [a-W-F+1, a-W].
         fading_k, offsets = _shifted_blocks(kf, nq, C, -(W + Fs - 1), C - 1 - W)
         fading_v, _ = _shifted_blocks(vf, nq, C, -(W + Fs - 1), C - 1 - W)
-        scores.append(block_scores(q_blocks, fading_k))
-        masks.append(visible(offsets, a - W - Fs + 1, a - W)[None, :, None, None])
+        keys.append(fading_k)
         values.append(fading_v)
+        masks.append(visible(offsets, a - W - Fs + 1, a - W))
+    q_blocks = head_major_blocks(q)  # [b, hkv, nq, group*C, dh]
+    logits = q_blocks @ torch.cat(keys, dim=3).transpose(-1, -2)  # [b, hkv, nq, group*C, K]
+    mask = torch.cat(masks, dim=-1)[None, None, :, None].expand(b, 1, nq, group, C, -1)  # [b, 1, nq, g, C, K]
 
     if mem_k is not None:
         query_pos = block_start[:, None] + a[None, :]  # [nq, C]
         mem_visible = (mem_pos[:, :, None, :] >= 0) & (
             mem_pos[:, :, None, :] <= query_pos[None, :, :, None] - W
         )  # [b, nq, C, M]
-        qm = q if q_mem is None else q_mem
-        qm_blocks = F.pad(qm, (0, 0, 0, 0, 0, nq * C - l)).view(b, nq, C, hkv, group, dh)
-        scores.append(block_scores(qm_blocks, mem_k))
-        masks.append(mem_visible[:, :, None, None])
-        values.append(mem_v)
+        qm_blocks = q_blocks if q_mem is None else head_major_blocks(q_mem)
+        mem_k_hm, mem_v_hm = (t.permute(0, 3, 1, 2, 4) for t in (mem_k, mem_v))  # [b, hkv, nq, M, dh]
+        logits = torch.cat([logits, qm_blocks @ mem_k_hm.transpose(-1, -2)], dim=-1)
+        values.append(mem_v_hm)
+        mask = torch.cat([mask, mem_visible[:, None, :, None].expand(b, 1, nq, group, C, -1)], dim=-1)
 
-    logits = torch.cat(scores, dim=-1).float() * scale  # [b, nq, hkv, group, C, keys]
-    logits = logits.masked_fill(~torch.cat([m.expand(b, nq, 1, 1, *m.shape[-2:]) for m in masks], -1),
-                                float("-inf"))
-    probs = torch.softmax(logits, dim=-1).to(v.dtype)
-    out = torch.einsum("bnkgqr,bnrkd->bnqkgd", probs, torch.cat(values, dim=2))
+    logits = logits.float().view(b, hkv, nq, group, C, -1) * scale
+    probs = torch.softmax(logits.masked_fill(~mask, float("-inf")), dim=-1).to(v.dtype)
+    out = probs.view(b, hkv, nq, group * C, -1) @ torch.cat(values, dim=3)  # [b, hkv, nq, group*C, dh]
+    out = out.view(b, hkv, nq, group, C, dh).permute(0, 2, 4, 1, 3, 5)  # [b, nq, C, hkv, group, dh]
     return out.reshape(b, nq * C, h, dh)[:, :l]
 
 
