@@ -114,6 +114,23 @@ def test_eval_varies_a_setting_of_the_trained_model(tmp_path, capsys):
     assert "--vary lr is for bmojo demo" in capsys.readouterr().err
 
 
+def test_eval_changes_a_field_of_the_task(tmp_path, capsys):
+    """``bmojo eval --gap-min 32`` tests the model on queries at least 32 positions back; the
+    other task fields stay the run's."""
+    far_recall = [a if a != "2,4" else "2" for a in TINY]
+    assert main(["train", "--task", "far_recall", "--arch", "swa", "--out", str(tmp_path), "--max-steps", "1",
+                 "--gap-min", "12", *far_recall]) == 0
+    capsys.readouterr()
+    assert main(["eval", "--ckpt", str(tmp_path), "--json"]) == 0
+    as_trained = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert any(int(bucket.split("-")[0]) < 32 for bucket in as_trained["by_distance"])
+    assert main(["eval", "--ckpt", str(tmp_path), "--gap-min", "32", "--json"]) == 0
+    changed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert set(changed["by_distance"]) == {"32-63"} and set(changed["by_kv_pairs"]) == {"2"}
+    result = bmojo("eval", "--ckpt", str(tmp_path), "--gap-min", "100")
+    assert result.returncode == 2 and "Traceback" not in result.stderr and "gap" in result.stderr
+
+
 def test_train_under_torchrun_with_fsdp_then_resume_on_one_process(tmp_path, capsys):
     args = ["train", "--task", "mqar", "--out", str(tmp_path), "--max-steps", "4", "--precision", "fp32", *TINY]
     result = torchrun_bmojo(*args, "--fsdp")

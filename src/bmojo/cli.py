@@ -64,7 +64,10 @@ def _task_field_specs() -> dict[str, tuple[Any, Any]]:
     return specs
 
 
-def _add_fields(group, specs: dict[str, tuple[Any, Any]], as_list: bool = False) -> None:
+def _add_fields(group, specs: dict[str, tuple[Any, Any]], as_list: bool = False,
+                default_note: str | None = None) -> None:
+    """One ``--flag`` per field (``dest`` = ``<group title>.<field>``, ``None`` when not given);
+    ``default_note`` replaces the field's default in the help."""
     for name, (hint, default) in specs.items():
         def parse(text, hint=hint):
             values = [_parse_value(part, hint) for part in text.split(",")]
@@ -72,7 +75,7 @@ def _add_fields(group, specs: dict[str, tuple[Any, Any]], as_list: bool = False)
         list_note = " (a comma list makes a mixture)" if as_list else ""
         group.add_argument(f"--{name.replace('_', '-')}", dest=f"{group.title}.{name}", type=parse, default=None,
                            metavar=getattr(hint, "__name__", "VALUE").upper(),
-                           help=f"default: {default}{list_note}")
+                           help=f"default: {default if default_note is None else default_note}{list_note}")
 
 
 def _int_list(text: str) -> list[int]:
@@ -260,6 +263,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
             spec[key] = getattr(args, key)
     if spec.get("task") is None:
         raise ValueError(f"{args.ckpt} has no run.json: say which task to evaluate with --task")
+    changed = {key.split(".", 1)[1]: value for key, value in vars(args).items()
+               if key.startswith("task.") and value is not None}
+    if changed:
+        spec["task_fields"] = {**spec.get("task_fields", {}), **changed}
+        if spec.get("test_lengths"):  # only test sequences are made: training lengths need not fit the change
+            spec["train_lengths"] = spec["test_lengths"]
     run = RecallRun.from_dict(spec)
     if run.vocab_size != model.config.vocab_size:
         raise ValueError(f"task vocabulary {run.vocab_size} differs from the model's {model.config.vocab_size}")
@@ -494,6 +503,8 @@ def build_parser() -> argparse.ArgumentParser:
                           help="recall: evaluate the trained model rebuilt with each value of a setting that needs "
                                "no new weights, e.g. eidetic_capacity=0,4,8,16 or selection=topk,random,recent")
     evaluate.add_argument("--json", action="store_true", help="print the results as JSON on the last line")
+    eval_task_group = evaluate.add_argument_group("task", "recall: change a field of the task the model is tested on")
+    _add_fields(eval_task_group, _task_field_specs(), default_note="the run's")
     evaluate.set_defaults(func=cmd_eval)
 
     generate = sub.add_parser("generate", help="stream text from a language-model checkpoint",

@@ -116,12 +116,16 @@ def ssd_sequential(
     return y, state
 
 
+SMALL_STATE = 128  # elements of a head's state p·n up to which a chunk of 32 beats 64 (docs/performance.md)
+
+
 def ssd_chunk_size(headdim: int, d_state: int) -> int:
-    """A chunk size for :func:`ssd_chunked`: the power of two at or above ``sqrt(p·n)``,
-    between 16 and 64. Per head, the in-chunk decay and score tensors hold ``L·Q`` entries
-    and the chunk states ``L·p·n/Q``; this ``Q`` balances the two (measured in
-    docs/performance.md: 16 at the demo's ``p=32, n=4``, 64 at ``p=n=64``)."""
-    return min(64, max(16, 2 ** math.ceil(math.log2(math.sqrt(headdim * d_state)))))
+    """A chunk size for :func:`ssd_chunked`: Mamba-2's 64, or 32 when a head's state
+    ``p·n`` is at most ``SMALL_STATE`` elements. The in-chunk decay and score tensors hold
+    ``L·Q`` entries per head and the chunk states ``L·p·n/Q``; with a small state the first
+    dominate and a shorter chunk pays, while shorter chunks still (16 and less) lose to the
+    Python loop over chunks at long sequences."""
+    return 32 if headdim * d_state <= SMALL_STATE else 64
 
 
 def decay(log_decay: Tensor) -> Tensor:
