@@ -49,6 +49,22 @@ def test_demo_varies_one_setting_per_arch(tmp_path, capsys):
     assert (tmp_path / "accuracy_vs_eidetic_capacity.png").read_bytes()[:4] == b"\x89PNG"
 
 
+def test_demo_varies_the_seed_and_reports_the_median(tmp_path, capsys):
+    argv = ["demo", "--quick", "--out", str(tmp_path), "--no-progress", "--archs", "swa",
+            "--vary", "seed=0,1,2", "--max-steps", "4"]
+    assert main(argv) == 0
+    results = json.loads((tmp_path / "results.json").read_text())
+    runs = [json.loads((tmp_path / "swa" / f"seed-{seed}" / "run.json").read_text()) for seed in (0, 1, 2)]
+    assert [run["train"]["seed"] for run in runs] == [0, 1, 2]
+    first, second = (LanguageModel.from_pretrained(tmp_path / "swa" / f"seed-{seed}").state_dict() for seed in (0, 1))
+    assert not all(torch.equal(first[name], second[name]) for name in first)  # other weights, other data
+    accuracies = sorted(r["accuracy"] for r in results["rows"])
+    assert results["median_accuracy"] == {"swa": accuracies[1]} and "best" not in results
+    assert "Median accuracy over the seeds per arch: `swa`" in (tmp_path / "report.md").read_text()
+    assert main(["eval", "--ckpt", str(tmp_path / "swa" / "seed-0"), "--vary", "seed=1"]) == 2
+    assert "--vary seed is for bmojo demo" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--vary", "eidetic_capacity=3"], "eidetic_capacity=3 is invalid"),
     (["--archs", "bmojo,gpt"], "unknown architecture"),

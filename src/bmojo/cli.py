@@ -284,12 +284,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 def _eval_ablation(args: argparse.Namespace, model, run, evaluate_run) -> int:
     """``bmojo eval --vary NAME=V1,...``: the trained model rebuilt with each value (no retraining)."""
-    from bmojo.demo import plot_accuracy_vs_varied
+    from bmojo.demo import TRAINING_VARIATIONS, plot_accuracy_vs_varied
     from bmojo.evaluation.ablation import with_settings
 
     vary = args.vary
-    if vary.name == "lr":
-        raise ValueError("--vary lr is for bmojo demo: evaluation varies model settings only")
+    if vary.name in TRAINING_VARIATIONS:
+        raise ValueError(f"--vary {vary.name} is for bmojo demo: evaluation varies model settings only")
     rows = []
     for value in vary.values:
         report = evaluate_run(with_settings(model, **{vary.name: value}), run)
@@ -383,7 +383,7 @@ def _variation(text: str):
     name = name.strip().replace("-", "_")
     if not sep or not values:
         raise argparse.ArgumentTypeError(f"expected NAME=V1,V2,..., got {text!r}")
-    hints = {**typing.get_type_hints(ModelConfig), "lr": float}
+    hints = {**typing.get_type_hints(ModelConfig), "lr": float, "seed": int}
     try:
         return Variation(name, [_parse_value(v.strip(), hints.get(name, str)) for v in values.split(",")])
     except ValueError as err:
@@ -416,8 +416,9 @@ def build_parser() -> argparse.ArgumentParser:
                       help="training steps per run; none: the settings' budget (1000, or 30 with --quick)")
     demo.add_argument("--archs", default=None, help="comma list of architectures; none: all six")
     demo.add_argument("--vary", type=_variation, default=None, metavar="NAME=V1,V2,...",
-                      help="train each arch once per value of lr or of a model field, e.g. "
-                           "eidetic_capacity=0,4,8,16 or selection=topk,random,recent or lr=1e-3,3e-3,1e-2")
+                      help="train each arch once per value of lr, seed or a model field, e.g. "
+                           "eidetic_capacity=0,4,8,16 or selection=topk,random,recent or lr=1e-3,3e-3,1e-2; "
+                           "seed=0,1,2 also reports each arch's median")
     demo.add_argument("--device", default=None, help="torch device; none: cuda if available, else cpu")
     demo.add_argument("--jobs", type=positive_int, default=None,
                       help="runs trained side by side, one thread each (the results do not depend on it); "

@@ -12,6 +12,7 @@ import dataclasses
 import json
 import multiprocessing
 import os
+import statistics
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +29,7 @@ from bmojo.training.recall import RUN_FILE, RecallRun, train_recall
 from bmojo.training.trainer import CHECKPOINT_DIR, METRICS_FILE, TrainConfig
 
 ARCHS = tuple(PRESETS)
+TRAINING_VARIATIONS = ("lr", "seed")  # --vary names that are not model fields
 ROW_FILE = "demo_row.json"  # a finished run's table row, so that a re-run of the demo reuses it
 
 
@@ -72,16 +74,19 @@ class DemoSettings:
 
 @dataclass
 class Variation:
-    """One setting varied across runs: ``"lr"`` or a :class:`ModelConfig` field (e.g.
+    """One setting varied across runs: ``"lr"``, ``"seed"`` (of the weights and the data; the
+    report gives each arch's median) or a :class:`ModelConfig` field (e.g.
     ``eidetic_capacity``), with the values to try. Widths stay matched on the base model."""
 
     name: str
     values: list[Any]
 
     def __post_init__(self) -> None:
-        allowed = {"lr"} | {f.name for f in dataclasses.fields(ModelConfig)} - {"arch", "vocab_size", "max_seq_len"}
+        model_fields = {f.name for f in dataclasses.fields(ModelConfig)} - {"arch", "vocab_size", "max_seq_len"}
+        allowed = set(TRAINING_VARIATIONS) | model_fields
         if self.name not in allowed:
-            raise ValueError(f"cannot vary {self.name!r}: vary lr or a model field ({', '.join(sorted(allowed))})")
+            raise ValueError(f"cannot vary {self.name!r}: vary lr, seed or a model field "
+                             f"({', '.join(sorted(allowed))})")
         if not self.values:
             raise ValueError(f"--vary {self.name}: give at least one value")
 
@@ -117,13 +122,15 @@ def run_demo(out_dir: str | Path, settings: DemoSettings, device: str | None = N
     for arch in archs:
         matched = matched_model(arch, settings.base_model, target, vocab)
         for value in (vary.values if vary else [None]):
-            model, lr = dict(matched), settings.learning_rates[arch]
+            model, lr, seed = dict(matched), settings.learning_rates[arch], TrainConfig.seed
             if vary and vary.name == "lr":
                 lr = value
+            elif vary and vary.name == "seed":
+                seed = value
             elif vary:
                 model[vary.name] = value
             run_dir = out_dir / arch / vary.label(value) if vary else out_dir / arch
-            plan.append((_recall_run(arch, model, lr, settings, far_from), run_dir, value))
+            plan.append((_recall_run(arch, model, lr, settings, far_from, seed), run_dir, value))
     jobs = jobs or default_jobs(device, len(plan))
     if jobs < 1:
         raise ValueError(f"jobs must be >= 1, got {jobs}")
@@ -212,8 +219,9 @@ def _train_side_by_side(runs: list[tuple[RecallRun, Path]], device: str | None, 
         bar.close()
 
 
-def _recall_run(arch: str, model: dict[str, Any], lr: float, settings: DemoSettings, far_from: int) -> RecallRun:
-    train = TrainConfig(lr=lr, max_steps=settings.max_steps, batch_size=settings.batch_size,
+def _recall_run(arch: str, model: dict[str, Any], lr: float, settings: DemoSettings, far_from: int,
+                seed: int = TrainConfig.seed) -> RecallRun:
+    train = TrainConfig(lr=lr, seed=seed, max_steps=settings.max_steps, batch_size=settings.batch_size,
                         precision=settings.precision, warmup_steps=min(100, settings.max_steps // 10),
                         eval_every=settings.eval_every, target_accuracy=settings.target_accuracy,
                         checkpoint_every=settings.eval_every, log_every=10)
@@ -264,6 +272,12 @@ def format_table(rows: list[dict[str, Any]]) -> str:
         first = [r["arch"]] + ([str(r["varied"]["value"])] if varied else [])
         lines.append("| " + " | ".join(first + [cells[c] for c in columns]) + " |")
     return "\n".join(lines)
+
+
+def median_per_arch(rows: list[dict[str, Any]]) -> dict[str, float]:
+    """Each arch's median accuracy over its runs (the mean of the middle two for an even count)."""
+    return {arch: statistics.median(r["accuracy"] for r in rows if r["arch"] == arch)
+            for arch in dict.fromkeys(r["arch"] for r in rows)}
 
 
 def best_per_arch(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
@@ -329,7 +343,10 @@ def write_outputs(out_dir: Path, settings: DemoSettings, rows: list[dict[str, An
     plot = "recall_vs_state.png"
     if vary:
         results["varied"] = dataclasses.asdict(vary)
-        results["best"] = {arch: r["varied"]["value"] for arch, r in best_per_arch(rows).items()}
+        if vary.name == "seed":
+            results["median_accuracy"] = median_per_arch(rows)
+        else:
+            results["best"] = {arch: r["varied"]["value"] for arch, r in best_per_arch(rows).items()}
         plot = f"accuracy_vs_{vary.name}.png"
         plot_accuracy_vs_varied(rows, vary, out_dir / plot)
     else:
@@ -350,7 +367,10 @@ def write_outputs(out_dir: Path, settings: DemoSettings, rows: list[dict[str, An
         format_table(rows),
         "",
     ]
-    if vary:
+    if vary and vary.name == "seed":
+        medians = ", ".join(f"`{arch}`: {value:.3f}" for arch, value in results["median_accuracy"].items())
+        report += [f"Median accuracy over the seeds per arch: {medians}.", ""]
+    elif vary:
         best = ", ".join(f"`{arch}`: {value}" for arch, value in results["best"].items())
         report += [f"Best {vary.name} per arch: {best}.", ""]
     report += [f"![{plot}]({plot})", ""]
