@@ -132,9 +132,9 @@ def decay(log_decay: Tensor) -> Tensor:
     """``exp(log_decay)`` with results below the dtype's normal range flushed to zero.
 
     Identical to ``torch.exp`` except that a subnormal result is 0, as under flush-to-zero.
-    The reason is speed: on x86 CPUs PyTorch's float32 ``exp`` of an argument below
-    ``log(finfo.tiny)`` (about -87.3, which a decay summed over a chunk often is, and ``-inf``
-    always is) runs about 100x slower than in range (docs/performance.md).
+    The reason is speed: on the project's CPU machine PyTorch's float32 ``exp`` of an argument
+    just below ``log(finfo.tiny)`` (about -87.3, which a decay summed over a chunk often is)
+    runs about 30x slower than in range, and of ``-inf`` about 2x (docs/performance.md).
     """
     floor = math.ceil(math.log(torch.finfo(log_decay.dtype).tiny))  # -87 for float32: exp(floor) is normal
     return torch.where(log_decay >= floor, torch.exp(log_decay.clamp(min=floor)), 0.0)
