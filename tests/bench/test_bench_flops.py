@@ -35,13 +35,14 @@ def test_bmojo_step_flops_by_hand():
     macs = 8 * 40 + 16 * 8 + 20 * 4 + 4 * 64 + 2 * 64 + 8 * 16
     predictor = 8 * 8  # full-rank Φ, weight gradient only
     pairs = 11 + 7 + 6  # raw, fading, memory (test_attention_pairs_by_hand)
-    # SSD: L = 6 padded to one chunk of Q = 64: 2 * 64 * heads 4 * (Q*n + Q*p + 2*p*n) = 2*64*4*(128 + 256 + 16)
-    ssd = 2 * 64 * 4 * 400
+    # SSD: a state of p*n = 8 elements per head gets chunks of Q = 32; L = 6 padded to one chunk:
+    # 2 * 32 * (groups 1 * Q*n + heads 4 * (Q*p + 2*p*n)) = 2*32*(64 + 4*(128 + 16))
+    ssd = 2 * 32 * (64 + 4 * 144)
     expected = 6 * macs * 6 + 4 * predictor * 6 + 3 * (4 * 4 * 2 * pairs + ssd)
     breakdown = step_flops_breakdown(config, batch=1, seq_len=6)
     assert (breakdown.matmul, breakdown.predictor) == (6 * macs * 6, 4 * predictor * 6)
     assert (breakdown.attention, breakdown.ssd) == (3 * 4 * 4 * 2 * pairs, 3 * ssd)
-    assert train_step_flops(config, batch=1, seq_len=6) == expected == 655680
+    assert train_step_flops(config, batch=1, seq_len=6) == expected == 164160
 
 
 def test_matmul_flops_are_six_per_parameter_and_token_for_a_transformer():

@@ -24,9 +24,10 @@ A multiply-add is 2 FLOPs. For ``batch`` sequences of ``L`` tokens (``T = batch 
     (an upper bound: a threshold may select fewer, and a slot whose position is ``> i - W`` is masked).
 
 - SSD, per layer and sequence, forward: the chunked algorithm of :func:`bmojo.ops.ssd.ssd_chunked` on
-  ``L`` padded to ``Lp``, a multiple of its chunk ``Q``, with ``h`` heads of ``p`` channels and state
-  ``n``: ``2 * Lp * h * (Q*n + Q*p + 2*p*n)`` for the chunk-local scores ``C·B`` (full ``Q x Q``
-  blocks), their product with the inputs, the chunk states, and the entering states' output.
+  ``L`` padded to ``Lp``, a multiple of its chunk ``Q``, with ``h`` heads of ``p`` channels, ``g``
+  groups and state ``n``: ``2 * Lp * (g*Q*n + h*(Q*p + 2*p*n))`` for the chunk-local scores ``C·B``
+  (full ``Q x Q`` blocks, once per group), their product with the inputs, the chunk states, and the
+  entering states' output.
   Element-wise work (decays, softmax, norms, activations) is not counted.
 - Backward costs twice the forward for attention and SSD (gradients of both operands of every
   product): 3 times the forward in all.
@@ -84,9 +85,9 @@ def attention_pairs(seq_len: int, window: int | None, fading_span: int = 0, memo
 
 def ssd_forward_flops(mixer: Mamba2Mixer, seq_len: int) -> int:
     """Forward FLOPs of the chunked SSD scan of ``mixer`` on one sequence (module docstring)."""
-    q, h, p, n = mixer.chunk_size, mixer.nheads, mixer.headdim, mixer.d_state
+    q, h, g, p, n = mixer.chunk_size, mixer.nheads, mixer.ngroups, mixer.headdim, mixer.d_state
     padded = math.ceil(seq_len / q) * q
-    return 2 * padded * h * (q * n + q * p + 2 * p * n)
+    return 2 * padded * (g * q * n + h * (q * p + 2 * p * n))
 
 
 def _linear_macs(module: nn.Module | None) -> int:
