@@ -47,11 +47,26 @@ def test_prefill_then_decode_equals_full_forward(tmp_path, on_disk, prefix):
     assert not torch.allclose(tiny_model(storage_blocks=0)(x).logits, full, atol=1e-4)
 
 
-def test_disk_store_resumes_after_a_restart(tmp_path):
+@pytest.mark.parametrize("on_disk", [False, True])
+def test_bf16_model_stores_bf16_and_decodes_like_its_parallel_forward(tmp_path, on_disk):
+    model = tiny_model().to(torch.bfloat16)
+    x = tokens()
+    with torch.no_grad():
+        full = model(x).logits
+        cache = model.new_cache(2, storage_dir=tmp_path if on_disk else None)
+        logits = [model(x[:, :10], cache).logits] + [model(x[:, t:t + 1], cache).logits for t in range(10, L)]
+    assert [store.dtype for store in cache.stores()] == [torch.bfloat16]
+    decoded = torch.cat(logits, 1)
+    assert decoded.dtype == full.dtype == torch.bfloat16
+    torch.testing.assert_close(decoded.float(), full.float(), atol=2e-2, rtol=0)  # bf16 rounding, not drift
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_disk_store_resumes_after_a_restart(tmp_path, dtype):
     """Decode 30 tokens, save the cache next to its store files, rebuild the model and the
     cache from disk in fresh objects, decode the rest: identical to one uninterrupted decode."""
     x = tokens(length=70)
-    model = tiny_model()
+    model = tiny_model().to(dtype)
     with torch.no_grad():
         cache = model.new_cache(2, storage_dir=tmp_path / "a")
         reference = [model(x[:, :12], cache).logits] + [model(x[:, t:t + 1], cache).logits for t in range(12, 70)]
@@ -61,8 +76,8 @@ def test_disk_store_resumes_after_a_restart(tmp_path):
             model(x[:, t:t + 1], cache)
         cache.save(tmp_path / "cache.pt")
     del cache, model
-    model = LanguageModel(ModelConfig.preset("bmojo", **TINY))  # fresh weights: reload them as a process would
-    model.load_state_dict(tiny_model().state_dict())
+    model = LanguageModel(ModelConfig.preset("bmojo", **TINY)).to(dtype)  # fresh weights, reloaded as a process would
+    model.load_state_dict(tiny_model().to(dtype).state_dict())
     model.eval()
     with torch.no_grad():
         cache = model.load_cache(tmp_path / "cache.pt", storage_dir=tmp_path / "b")
