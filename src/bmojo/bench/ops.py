@@ -26,6 +26,7 @@ Run::
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import json
 import math
@@ -161,23 +162,12 @@ def attention_case(
 def window_dispatch_case(batch: int, length: int) -> Case:
     """Plain sliding-window attention, ``W = C = SHORT_WINDOW``: always in query blocks
     (baseline) against ``union_attention_chunked``'s choice."""
-    b, l, h, hkv, dh = batch, length, ATTN_HEADS, ATTN_KV_HEADS, ATTN_HEAD_DIM
-    kwargs: dict[str, object] = {
-        "q": torch.randn(b, l, h, dh, requires_grad=True),
-        "k": torch.randn(b, l, hkv, dh, requires_grad=True),
-        "v": torch.randn(b, l, hkv, dh, requires_grad=True),
-        "window": SHORT_WINDOW,
-        "chunk_size": SHORT_WINDOW,
-    }
+    case = attention_case(batch, length, SHORT_WINDOW, fading_span=0, memory_slots=0)
+    case.kwargs["chunk_size"] = SHORT_WINDOW
     # Blocks hold about five [b, h, L, 2W] fp32 score tensors at their peak.
-    scores_bytes = b * h * l * 2 * SHORT_WINDOW * FP32_BYTES
-    return Case(
-        op=f"swa W={SHORT_WINDOW} dispatch",
-        baseline=union_attention_blocks,
-        fast=union_attention_chunked,
-        kwargs=kwargs,
-        baseline_peak_bytes={"fwd": 4 * scores_bytes, "fwd+bwd": 5 * scores_bytes},
-    )
+    scores_bytes = batch * ATTN_HEADS * length * 2 * SHORT_WINDOW * FP32_BYTES
+    return dataclasses.replace(case, op=f"swa W={SHORT_WINDOW} dispatch", baseline=union_attention_blocks,
+                               baseline_peak_bytes={"fwd": 4 * scores_bytes, "fwd+bwd": 5 * scores_bytes})
 
 
 def build_cases(batch: int, length: int) -> list[Case]:
