@@ -191,3 +191,12 @@ def test_causality(window: int | None, i: int) -> None:
     torch.testing.assert_close(y2[:, : i + 1], y[:, : i + 1], atol=1e-6, rtol=1e-6)
     if i + 1 < L:
         assert not torch.allclose(y2[:, i + 1:], y[:, i + 1:], atol=1e-3)
+
+
+def test_kv_buffer_read_returns_held_positions_and_zeros():
+    ring = KVBuffer.empty(1, 4, 1, 2, False, "cpu", torch.float32)
+    keys = torch.arange(1.0, 7.0)[None, :, None, None].expand(1, 6, 1, 2)  # key of position p is p + 1
+    ring.write(keys, -keys, 0)  # holds positions 2..5
+    k, v = ring.read(0, 7)
+    assert k[0, :, 0, 0].tolist() == [0, 0, 3, 4, 5, 6, 0]
+    assert torch.equal(v, -k)

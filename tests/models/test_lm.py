@@ -51,6 +51,25 @@ def test_prefill_then_decode_equals_full_forward(name, prefix):
     torch.testing.assert_close(torch.cat(logits, 1), full, atol=1e-4, rtol=0)
 
 
+@pytest.mark.parametrize("name", list(PRESETS))
+@pytest.mark.parametrize("ends", [(13, 14, 30, L), (1, 4, 9, 21, 45), (24, L)])
+def test_chunked_prefill_equals_full_forward(name, ends):
+    """A prompt fed in pieces (each continuing the cache in parallel) gives the full forward's
+    logits, and decoding after it continues them (DESIGN.md §8.3)."""
+    model = tiny_model(name)
+    x = tokens()
+    with torch.no_grad():
+        full = model(x).logits
+        cache = model.new_cache(x.shape[0])
+        logits, start = [], 0
+        for end in ends:
+            logits.append(model(x[:, start:end], cache).logits)
+            assert cache.position == end
+            start = end
+        logits += [model(x[:, t:t + 1], cache).logits for t in range(start, L)]
+    torch.testing.assert_close(torch.cat(logits, 1), full, atol=1e-4, rtol=0)
+
+
 @pytest.mark.parametrize("variant", [dict(eidetic_policy="fifo"), dict(selection="random"),
                                      dict(selection="recent"), dict(eidetic_rope="absolute"),
                                      dict(eidetic_rope="window_edge"), dict(innovation_threshold=1.0),

@@ -48,6 +48,25 @@ def test_prefill_then_decode_equals_full_forward(tmp_path, on_disk, prefix):
 
 
 @pytest.mark.parametrize("on_disk", [False, True])
+def test_chunked_prefill_fills_the_store_as_decoding_does(tmp_path, on_disk):
+    """A prompt in pieces writes the same blocks to the store as one prefill, and the logits
+    of the pieces and of the decode after them are the full forward's."""
+    model = tiny_model()
+    x = tokens()
+    with torch.no_grad():
+        full = model(x).logits
+        whole = model.new_cache(2)
+        model(x[:, :45], whole)
+        cache = model.new_cache(2, storage_dir=tmp_path if on_disk else None)
+        logits = [model(x[:, a:b], cache).logits for a, b in ((0, 6), (6, 19), (19, 20), (20, 45))]
+        logits += [model(x[:, t:t + 1], cache).logits for t in range(45, L)]
+    torch.testing.assert_close(torch.cat(logits, 1), full, atol=1e-4, rtol=0)
+    (store,), (expected,) = cache.stores(), whole.stores()
+    assert store.written == model.blocks[0].mixer.stored_blocks(L // 4) > expected.written > 0
+    torch.testing.assert_close(store.summaries()[: expected.count], expected.summaries(), atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("on_disk", [False, True])
 def test_bf16_model_stores_bf16_and_decodes_like_its_parallel_forward(tmp_path, on_disk):
     model = tiny_model().to(torch.bfloat16)
     x = tokens()

@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from bmojo.ops import union_attention_chunked, union_attention_reference, union_attention_step
+from bmojo.ops import attention_continued, union_attention_chunked, union_attention_reference, union_attention_step
 from bmojo.ops.attention import DENSE_WINDOW_MAX_LEN, dense_window_is_faster, union_attention_blocks
 
 B_, H, DH = 2, 4, 8
@@ -282,6 +282,28 @@ def test_step_matches_reference_rows(hkv, window, fading_span, capacity, mask_sh
         out = union_attention_step(q[:, i], ck, cv, visible, **step_kwargs)
         assert out.shape == (B_, H, DH)
         torch.testing.assert_close(out, ref[:, i], atol=1e-5, rtol=1e-4, msg=f"position {i}")
+
+
+@pytest.mark.parametrize("hkv", [1, 2])
+@pytest.mark.parametrize("window", [None, 1, 3, 8])
+@pytest.mark.parametrize(("l", "start"), [(1, 5), (7, 1), (40, 23), (90, 10)])
+def test_continued_matches_reference_rows(l, start, window, hkv):
+    """New queries at ``start ..`` against the past keys a cache holds (all of them for full
+    attention, the last ``window`` for a window) and their own: the rows ``start ..`` of the
+    whole sequence's reference, outputs and gradients of the new q, k, v."""
+    inputs = make_inputs(start + l, hkv, 0, None, 4, seed=l + start)
+    n_past = start if window is None else min(start, window)
+    whole = {name: inputs[name].clone().requires_grad_(True) for name in ("q", "k", "v")}
+    ref = union_attention_reference(whole["q"], whole["k"], whole["v"], window, chunk_size=4)[:, start:]
+    new = {name: inputs[name][:, start:].clone().requires_grad_(True) for name in ("q", "k", "v")}
+    out = attention_continued(new["q"], new["k"], new["v"], inputs["k"][:, start - n_past: start],
+                              inputs["v"][:, start - n_past: start], window, chunk_size=4)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-4)
+    go = torch.randn(out.shape, generator=torch.Generator().manual_seed(1))
+    grads = torch.autograd.grad((out * go).sum(), list(new.values()))
+    ref_grads = torch.autograd.grad((ref * go).sum(), list(whole.values()))
+    for name, grad, ref_grad in zip(new, grads, ref_grads, strict=True):
+        torch.testing.assert_close(grad, ref_grad[:, start:], atol=1e-5, rtol=1e-4, msg=name)
 
 
 def test_causality():

@@ -274,6 +274,24 @@ def test_per_chunk_matches_sequential(l, chunk_size, k, policy, factor, threshol
             assert to_pairs(pos_fast[r, c], score_fast[r, c]) == expected, (r, c)
 
 
+@pytest.mark.parametrize("threshold", [None, 1.0])
+@pytest.mark.parametrize("factor", [1, 3, 100])
+@pytest.mark.parametrize("policy", ["fifo", "score"])
+@pytest.mark.parametrize("split", [0, 1, 4, 9])
+def test_memory_continued_from_an_initial_memory(split, policy, factor, threshold):
+    """A sequence's chunks ``split ..`` folded from the memory the first ``split`` chunks left
+    (a decoder's cache, DESIGN.md §7) see exactly what they see in one pass over all chunks."""
+    b, chunk_size, k = 3, 8, 2
+    capacity = factor * k
+    sel_pos, sel_score = make_selections(b, 83, chunk_size, k, threshold, seed=split + factor)
+    whole_pos, whole_score = eidetic_memory_sequential(sel_pos, sel_score, capacity, policy)
+    initial = (whole_pos[:, split], whole_score[:, split])
+    for fn in (eidetic_memory_sequential, eidetic_memory_per_chunk):
+        pos, score = fn(sel_pos[:, split:], sel_score[:, split:], capacity, policy, initial=initial)
+        assert torch.equal(pos, whole_pos[:, split:]), fn.__name__
+        assert torch.equal(score, whole_score[:, split:]), fn.__name__
+
+
 def test_fifo_memory_contents_explicit():
     """M = 2k: chunk c holds exactly the selections of chunks c-2 and c-1."""
     capacity = 4  # k = 2

@@ -11,7 +11,7 @@ from torch import Tensor, nn
 
 from bmojo.layers.kv_buffer import KVBuffer
 from bmojo.layers.norm import RMSNorm
-from bmojo.ops.attention import union_attention_chunked, union_attention_step
+from bmojo.ops.attention import attention_continued, union_attention_chunked, union_attention_step
 from bmojo.ops.rope import apply_rope, rope_angles
 
 
@@ -62,15 +62,23 @@ class Attention(nn.Module):
     def rope(self, positions: Tensor) -> tuple[Tensor, Tensor]:
         return rope_angles(positions, self.head_dim, self.rope_theta)
 
-    def forward(self, x: Tensor, cache: KVBuffer | None = None) -> Tensor:
-        """Parallel form from position 0; fills ``cache`` (a fresh one) if given."""
-        positions = torch.arange(x.shape[1], device=x.device)
+    def forward(self, x: Tensor, cache: KVBuffer | None = None, start: int = 0) -> Tensor:
+        """Parallel form over ``x [B, L, D]`` at positions ``start .. start+L-1``. With a
+        ``cache``: from ``start = 0`` it is filled (prefill); from ``start > 0`` the sequence
+        continues from the ``start`` positions it holds (continued prefill), then it is updated."""
+        positions = torch.arange(start, start + x.shape[1], device=x.device)
         q, k, v = self.project_qkv(x)
         cos, sin = self.rope(positions)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        out = union_attention_chunked(q, k, v, window=self.window, chunk_size=self.block_size)
+        if cache is not None and start > 0:
+            past_k, past_v = cache.read(start - min(start, self.window or start), start)  # [B, n, Hkv, dh]
+            out = attention_continued(q, k, v, past_k, past_v, self.window, self.block_size)
+        else:
+            out = union_attention_chunked(q, k, v, window=self.window, chunk_size=self.block_size)
         if cache is not None:
-            cache.write(k, v, 0)
+            if start == 0:
+                cache.clear()
+            cache.write(k, v, start)
         return self.o_proj(out.flatten(-2))
 
     def step(self, x: Tensor, cache: KVBuffer, position: int) -> Tensor:

@@ -249,22 +249,36 @@ class BMojoMixer(Attention):
         positions = torch.arange(x.shape[1], device=x.device)
         return self._selection_scores(x, F.pad(f, (0, 0, 1, 0))[:, : x.shape[1]], positions)[0]
 
-    def forward(self, x: Tensor, cache: BMojoCache | None = None) -> Tensor:
-        return self.forward_with_aux(x, cache)[0]
+    def forward(self, x: Tensor, cache: BMojoCache | None = None, start: int = 0) -> Tensor:
+        return self.forward_with_aux(x, cache, start)[0]
 
-    def forward_with_aux(self, x: Tensor, cache: BMojoCache | None = None) -> tuple[Tensor, Tensor]:
-        """Parallel form from position 0 (fills ``cache``, a fresh one, if given).
-        Returns ``(y [B, L, D], aux_loss)``."""
-        b, L, _ = x.shape
-        W, Fs, C = self.window, self.fading_span, self.chunk_size
-        positions = torch.arange(L, device=x.device)
-        f = self.ssm(x, cache.ssm if cache is not None else None)  # [B, L, D]
+    def _project(self, x: Tensor, start: int, ssm_cache: Mamba2Cache | None) -> tuple[Tensor, ...]:
+        """``x [B, L, D]`` at positions ``start ..`` -> the SSM output ``f [B, L, D]``, the
+        unrotated and rotated ``q [B, L, H, dh]`` and ``k [B, L, Hkv, dh]``, ``v``, and the
+        fading tokens ``kf, vf`` (``None`` without fading span)."""
+        positions = torch.arange(start, start + x.shape[1], device=x.device)
+        f = self.ssm(x, ssm_cache, start)
         q, k, v = self.project_qkv(x)
         cos, sin = self.rope(positions)
         q_rot, k_rot = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        kf = vf = None
-        if Fs > 0:
-            kf, vf = self.fading_kv(f, cos, sin)
+        kf, vf = self.fading_kv(f, cos, sin) if self.fading_span > 0 else (None, None)
+        return f, q, k, v, q_rot, k_rot, kf, vf
+
+    def _output(self, out: Tensor, f: Tensor) -> Tensor:
+        y = self.o_proj(out.flatten(-2))
+        return y + f if self.ssm_residual else y
+
+    def forward_with_aux(self, x: Tensor, cache: BMojoCache | None = None, start: int = 0) -> tuple[Tensor, Tensor]:
+        """Parallel form. Returns ``(y [B, L, D], aux_loss)``. Without a cache, over positions
+        ``0 .. L-1`` (training); with one, over positions ``start ..`` from the cache
+        (:meth:`_forward_cached`: a prefill from ``start = 0``, a continued prefill after)."""
+        if cache is not None:
+            return self._forward_cached(x, cache, start)
+        if start != 0:
+            raise ValueError(f"start={start}: without a cache the parallel form starts at position 0")
+        b, L, _ = x.shape
+        W, Fs, C = self.window, self.fading_span, self.chunk_size
+        f, q, k, v, q_rot, k_rot, kf, vf = self._project(x, 0, None)
         aux = x.new_zeros((), dtype=torch.float32)
         memory = {}
         nq = math.ceil(L / C)
@@ -272,18 +286,16 @@ class BMojoMixer(Attention):
             k_eid, q_eid = self.eidetic_key(k, k_rot), self.eidetic_query(q, q_rot)  # as slots store / score them
         slots = []  # per query chunk: positions [B, nq, n] of the past tokens in the attention keys
         if self.has_storage:
-            max_blocks = (cache.store.max_blocks if cache is not None
-                          else self.storage_capacity(self.q_proj.weight.dtype))
             ret_block = retrieval_per_chunk(q_eid.detach(), k_eid.detach(), self.storage_blocks, W, Fs, C,
-                                            self.storage_block_size, max_blocks,
+                                            self.storage_block_size, self.storage_capacity(self.q_proj.weight.dtype),
                                             self.storage_overflow)  # [B, L//C + 1, r]
             slots.append(block_positions(ret_block[:, :nq], self.storage_block_size))  # [B, nq, r*S]
         if self.has_memory:
             f_prev = F.pad(f, (0, 0, 1, 0))[:, :L]  # f_{t-1}, zeros at t = 0
-            score, aux = self._selection_scores(x, f_prev, positions)
+            score, aux = self._selection_scores(x, f_prev, torch.arange(L, device=x.device))
             sel_pos, sel_score = select_per_chunk(score, C, self.eidetic_per_chunk, self.innovation_threshold)
-            mem_pos, mem_score = eidetic_memory_per_chunk(sel_pos, sel_score, self.eidetic_capacity,
-                                                          self.eidetic_policy)  # [B, L//C + 1, M]
+            mem_pos, _ = eidetic_memory_per_chunk(sel_pos, sel_score, self.eidetic_capacity,
+                                                  self.eidetic_policy)  # [B, L//C + 1, M]
             visible_pos = mem_pos[:, :nq]  # memory seen by each query chunk
             if self.has_storage:
                 visible_pos = self._dedupe(visible_pos, ret_block[:, :nq])
@@ -293,51 +305,144 @@ class BMojoMixer(Attention):
             memory = dict(mem_k=gather_positions(k_eid, slot_pos), mem_v=gather_positions(v, slot_pos),
                           mem_pos=slot_pos, q_mem=q_eid)
         out = union_attention_chunked(q_rot, k_rot, v, W, Fs, kf, vf, chunk_size=C, **memory)
-        if cache is not None:
-            cache.raw.write(k_rot, v, 0)
-            if cache.fading is not None:
-                cache.fading.write(kf, vf, 0)
-            cache.prev_f.copy_(f[:, -1].detach())
+        return self._output(out, f), aux
+
+    def _forward_cached(self, x: Tensor, cache: BMojoCache, start: int) -> tuple[Tensor, Tensor]:
+        """The parallel form over positions ``P = start .. P+L-1`` continuing from ``cache``
+        (empty when ``start = 0``), which is left as ``L`` decoding steps leave it; the outputs
+        equal theirs (DESIGN.md §7, §8.3: chunked prefill).
+
+        The attention runs over a sequence that starts at the chunk boundary ``O`` at or before
+        ``P - W - F``: positions ``O .. P-1`` hold the cached raw and fading keys (with zero
+        queries, whose rows are dropped), then the ``L`` new tokens. The eidetic memory
+        continues from the cached slots and the open chunk's candidates; the store is written
+        and read at every boundary in order, as decoding does. Gradients reach the new tokens
+        only: what comes from the cache or the store is a constant.
+        """
+        b, L, _ = x.shape
+        W, Fs, C = self.window, self.fading_span, self.chunk_size
+        if start == 0:
+            self._clear(cache)
+        f, q, k, v, q_rot, k_rot, kf, vf = self._project(x, start, cache.ssm)
+        aux = x.new_zeros((), dtype=torch.float32)
+        slot_pos, slot_k, slot_v = [], [], []  # per new query chunk: [B, nq, n] positions, [B, nq, n, Hkv, dh]
+        if self.has_memory or self.has_storage:
+            k_eid, q_eid = self.eidetic_key(k, k_rot), self.eidetic_query(q, q_rot)
+        if self.has_memory:
+            mem_pos, mem_k, mem_v, aux = self._memory_continued(cache, x, f, k_eid, v, start)
+            slot_pos.append(mem_pos)
+            slot_k.append(mem_k)
+            slot_v.append(mem_v)
+        if self.has_storage:
+            ret_block, ret_k, ret_v = self._storage_continued(cache, q_eid, k_eid, v, start)
             if self.has_memory:
-                self._fill_memory_cache(cache, k_eid.detach(), v.detach(), score, mem_pos[:, L // C],
-                                        mem_score[:, L // C])
-            if self.has_storage:
-                self._fill_storage_cache(cache, q_eid.detach(), k_eid.detach(), v.detach(), ret_block[:, L // C])
-        y = self.o_proj(out.flatten(-2))
-        return (y + f if self.ssm_residual else y), aux
+                slot_pos[0] = self._dedupe(slot_pos[0], ret_block)
+            slot_pos.append(block_positions(ret_block, self.storage_block_size))
+            slot_k.append(ret_k.to(k.dtype))
+            slot_v.append(ret_v.to(v.dtype))
 
-    def _fill_memory_cache(self, cache: BMojoCache, k_eid: Tensor, v: Tensor, score: Tensor,
-                           mem_pos: Tensor, mem_score: Tensor) -> None:
-        """After a prefill of ``L`` tokens: the memory after the last complete chunk, and the
-        tokens of the incomplete chunk as candidates."""
-        L, C = k_eid.shape[1], self.chunk_size
-        cache.mem_pos.copy_(mem_pos)
-        cache.mem_score.copy_(mem_score)
-        cache.mem_k.copy_(gather_positions(k_eid, mem_pos))
-        cache.mem_v.copy_(gather_positions(v, mem_pos))
-        start = (L // C) * C
-        n = L - start
-        cache.cand_score.fill_(float("-inf"))
-        cache.cand_k[:, :n] = k_eid[:, start:]
-        cache.cand_v[:, :n] = v[:, start:]
-        cache.cand_score[:, :n] = score[:, start:]
+        origin = max(0, start - W - Fs) // C * C
+        n_past = start - origin
+        past_k, past_v = cache.raw.read(origin, start)  # [B, n_past, Hkv, dh]
 
-    def _fill_storage_cache(self, cache: BMojoCache, q_eid: Tensor, k_eid: Tensor, v: Tensor,
-                            ret_block: Tensor) -> None:
-        """After a prefill of ``L`` tokens: the store as the boundaries ``1 .. L//C`` left it,
-        the blocks retrieved for the current chunk, its queries so far, and the pending tokens."""
-        L, C, S = k_eid.shape[1], self.chunk_size, self.storage_block_size
-        if cache.store.written:
+        def with_past(new: Tensor, past: Tensor | None = None) -> Tensor:  # [B, L, ...] -> [B, n_past + L, ...]
+            return torch.cat([new.new_zeros(b, n_past, *new.shape[2:]) if past is None else past.to(new.dtype), new], 1)
+
+        fading = {}
+        if Fs > 0:
+            past_kf, past_vf = cache.fading.read(origin, start)
+            fading = dict(kf=with_past(kf, past_kf), vf=with_past(vf, past_vf))
+        memory = {}
+        if slot_pos:
+            past_chunks = (start // C * C - origin) // C  # chunks of the past positions: no slot
+            pos = F.pad(torch.cat(slot_pos, -1), (0, 0, past_chunks, 0), value=-1)  # [B, nq', n]
+            # Relative to O; a slot older than O counts as O: visible to every new query (i - W >= O).
+            pos = torch.where(pos >= 0, (pos - origin).clamp(min=0), -1)
+            memory = dict(mem_pos=pos, q_mem=with_past(q_eid),
+                          mem_k=F.pad(torch.cat(slot_k, 2), (0, 0, 0, 0, 0, 0, past_chunks, 0)),
+                          mem_v=F.pad(torch.cat(slot_v, 2), (0, 0, 0, 0, 0, 0, past_chunks, 0)))
+        out = union_attention_chunked(with_past(q_rot), with_past(k_rot, past_k), with_past(v, past_v), W, Fs,
+                                      chunk_size=C, **fading, **memory)[:, n_past:]
+        cache.raw.write(k_rot, v, start)
+        if cache.fading is not None:
+            cache.fading.write(kf, vf, start)
+        cache.prev_f.copy_(f[:, -1].detach())
+        return self._output(out, f), aux
+
+    def _clear(self, cache: BMojoCache) -> None:
+        """Empty ``cache`` for a prefill from position 0 (its store must be empty)."""
+        if self.has_storage and cache.store.written:
             raise ValueError("a prefill needs an empty block store (this cache's store already holds blocks)")
-        for block in range(self.stored_blocks(L // C)):
-            cache.store.append(block, k_eid[:, block * S: (block + 1) * S], v[:, block * S: (block + 1) * S])
-        cache.ret_block = ret_block.clone()
-        cache.ret_pos = block_positions(ret_block, S)
-        cache.ret_k = gather_positions(k_eid, cache.ret_pos).to(cache.ret_k.dtype)
-        cache.ret_v = gather_positions(v, cache.ret_pos).to(cache.ret_v.dtype)
-        start = (L // C) * C
-        cache.chunk_q[:, : L - start] = q_eid[:, start:]
-        cache.pending.write(k_eid, v, 0)
+        cache.raw.clear()
+        if cache.fading is not None:
+            cache.fading.clear()
+        cache.prev_f.zero_()
+        if self.has_memory:
+            cache.mem_pos.fill_(-1)
+            cache.mem_score.fill_(float("-inf"))
+            cache.cand_score.fill_(float("-inf"))
+        if self.has_storage:
+            cache.pending.clear()
+            cache.ret_block.fill_(-1)
+            cache.ret_pos.fill_(-1)
+
+    def _memory_continued(self, cache: BMojoCache, x: Tensor, f: Tensor, k_eid: Tensor, v: Tensor,
+                          start: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """The eidetic memory each query chunk of positions ``start .. start+L-1`` sees, continued
+        from the cached slots and the candidates of the open chunk (positions ``start//C·C ..
+        start-1``): ``(pos [B, nq, M], k, v [B, nq, M, Hkv, dh], aux_loss)``. Leaves in the cache
+        the memory after the last complete chunk and the candidates of the chunk still open."""
+        L, C, M = x.shape[1], self.chunk_size, self.eidetic_capacity
+        chunk_start = start // C * C
+        n_open = start - chunk_start
+        f_prev = torch.cat([cache.prev_f[:, None].to(f.dtype), f[:, :-1]], 1)  # f_{t-1}
+        score, aux = self._selection_scores(x, f_prev, torch.arange(start, start + L, device=x.device))  # [B, L]
+        # The tokens of positions chunk_start .. start+L-1: the cached candidates, then the new ones.
+        token_score = torch.cat([cache.cand_score[:, :n_open], score], 1)
+        token_k = torch.cat([cache.cand_k[:, :n_open].to(k_eid.dtype), k_eid], 1)
+        token_v = torch.cat([cache.cand_v[:, :n_open].to(v.dtype), v], 1)
+        sel_pos, sel_score = select_per_chunk(token_score, C, self.eidetic_per_chunk, self.innovation_threshold)
+        sel_pos = torch.where(sel_pos >= 0, sel_pos + chunk_start, -1)
+        mem_pos, mem_score = eidetic_memory_per_chunk(sel_pos, sel_score, M, self.eidetic_policy,
+                                                      initial=(cache.mem_pos, cache.mem_score))  # [B, nc+1, M]
+        # A slot's token is a cached slot (positions before chunk_start) or one of the tokens above.
+        cached_slot = (mem_pos[..., None] == cache.mem_pos[:, None, None, :]).int().argmax(-1)  # [B, nc+1, M]
+        index = torch.where(mem_pos >= chunk_start, M + mem_pos - chunk_start, cached_slot)
+        mem_k = gather_positions(torch.cat([cache.mem_k.to(k_eid.dtype), token_k], 1), index)
+        mem_v = gather_positions(torch.cat([cache.mem_v.to(v.dtype), token_v], 1), index)
+        cache.mem_pos, cache.mem_score = mem_pos[:, -1].clone(), mem_score[:, -1].clone()
+        cache.mem_k = mem_k[:, -1].detach().to(cache.cand_k.dtype)
+        cache.mem_v = mem_v[:, -1].detach().to(cache.cand_v.dtype)
+        n_tail = (start + L) % C  # tokens of the chunk still open
+        cache.cand_score.fill_(float("-inf"))
+        cache.cand_score[:, :n_tail] = token_score[:, token_score.shape[1] - n_tail:]
+        cache.cand_k[:, :n_tail] = token_k[:, token_k.shape[1] - n_tail:].detach()
+        cache.cand_v[:, :n_tail] = token_v[:, token_v.shape[1] - n_tail:].detach()
+        nq = math.ceil((start + L) / C) - start // C
+        return mem_pos[:, :nq], mem_k[:, :nq], mem_v[:, :nq], aux
+
+    def _storage_continued(self, cache: BMojoCache, q_eid: Tensor, k_eid: Tensor, v: Tensor,
+                           start: int) -> tuple[Tensor, Tensor, Tensor]:
+        """The blocks each query chunk of positions ``start .. start+L-1`` retrieves,
+        ``(ids [B, nq, r], k, v [B, nq, r·S, Hkv, dh])``: the cached retrieval for the open chunk,
+        then the decoder's boundary work (:meth:`_storage_boundary`) at every boundary the
+        tokens cross, writes and reads in order, so that a budget evicts as in decoding."""
+        L, C = q_eid.shape[1], self.chunk_size
+        blocks, keys, values = [cache.ret_block], [cache.ret_k], [cache.ret_v]
+        t = start
+        while t < start + L:
+            end = min((t // C + 1) * C, start + L)  # the end of t's chunk, or of the tokens
+            new = slice(t - start, end - start)
+            cache.pending.write(k_eid[:, new], v[:, new], t)
+            cache.chunk_q[:, t % C: t % C + end - t] = q_eid[:, new].detach().to(cache.chunk_q.dtype)
+            if end % C == 0:
+                self._storage_boundary(cache, end // C)
+                if end < start + L:  # the next chunk has queries here
+                    blocks.append(cache.ret_block)
+                    keys.append(cache.ret_k.to(cache.chunk_q.dtype))
+                    values.append(cache.ret_v.to(cache.chunk_q.dtype))
+            t = end
+        return torch.stack(blocks, 1), torch.stack(keys, 1), torch.stack(values, 1)
 
     def _storage_boundary(self, cache: BMojoCache, n: int) -> None:
         """At the boundary before query chunk ``n``: write the blocks that became old enough,

@@ -51,3 +51,15 @@ class KVBuffer:
         self.k[:, index] = k[:, n - keep:].detach().to(self.k.dtype)
         self.v[:, index] = v[:, n - keep:].detach().to(self.v.dtype)
         self.pos[index] = positions
+
+    def clear(self) -> None:
+        """Forget every position (the buffer keeps its size)."""
+        self.pos.fill_(-1)
+
+    def read(self, start: int, end: int) -> tuple[Tensor, Tensor]:
+        """Keys and values of positions ``start .. end-1`` in position order, ``[B, end-start,
+        hkv, dh]``; zeros for a position the buffer does not hold (not written, or overwritten)."""
+        positions = torch.arange(start, end, device=self.pos.device)
+        slots = positions % self.pos.shape[0]
+        held = (self.pos[slots] == positions)[None, :, None, None]
+        return torch.where(held, self.k[:, slots], 0), torch.where(held, self.v[:, slots], 0)

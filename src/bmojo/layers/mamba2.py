@@ -90,16 +90,23 @@ class Mamba2Mixer(nn.Module):
         A = -torch.exp(self.A_log.float())
         return x, dt, A, B, C
 
-    def forward(self, u: Tensor, cache: Mamba2Cache | None = None) -> Tensor:
-        """Parallel form over ``u [B, L, d_model]``; fills ``cache`` (a fresh one) if given."""
+    def forward(self, u: Tensor, cache: Mamba2Cache | None = None, start: int = 0) -> Tensor:
+        """Parallel form over ``u [B, L, d_model]``. With a ``cache``: from ``start = 0`` it is
+        filled (prefill); from ``start > 0`` the sequence continues from its state (the
+        convolution from its last inputs, the SSD from its state), which is then updated."""
         z, xBC, dt = self._split(self.in_proj(u))
-        if cache is not None and self.d_conv > 1:
-            tail = xBC[:, -(self.d_conv - 1):].transpose(1, 2).detach()  # [B, conv_dim, <= d_conv-1]
-            cache.conv_state.zero_()
-            cache.conv_state[..., cache.conv_state.shape[-1] - tail.shape[-1]:] = tail
-        xBC = F.silu(causal_depthwise_conv1d(xBC, self.conv1d.weight, self.conv1d.bias))
-        x, dt, A, B, C = self._ssm_inputs(xBC, dt)
-        y, final_state = ssd_chunked(x, dt, A, B, C, self.D, chunk_size=self.chunk_size)
+        continues = cache is not None and start > 0
+        if cache is not None:
+            past = (cache.conv_state.transpose(1, 2).to(xBC.dtype) if continues
+                    else xBC.new_zeros(xBC.shape[0], self.d_conv - 1, self.conv_dim))  # [B, d_conv-1, conv_dim]
+            extended = torch.cat([past, xBC], 1)  # [B, d_conv-1+L, conv_dim]
+            cache.conv_state.copy_(extended[:, extended.shape[1] - (self.d_conv - 1):].transpose(1, 2).detach())
+            xBC = causal_depthwise_conv1d(extended, self.conv1d.weight, self.conv1d.bias)[:, self.d_conv - 1:]
+        else:
+            xBC = causal_depthwise_conv1d(xBC, self.conv1d.weight, self.conv1d.bias)
+        x, dt, A, B, C = self._ssm_inputs(F.silu(xBC), dt)
+        initial_state = cache.ssm_state if continues else None
+        y, final_state = ssd_chunked(x, dt, A, B, C, self.D, initial_state=initial_state, chunk_size=self.chunk_size)
         if cache is not None:
             cache.ssm_state.copy_(final_state.detach())
         y = self.norm(y.flatten(-2), z)

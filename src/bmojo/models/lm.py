@@ -73,12 +73,12 @@ class Block(nn.Module):
     def _mlp(self, h: Tensor) -> Tensor:
         return h if self.mlp is None else h + self.mlp(self.mlp_norm(h))
 
-    def forward(self, h: Tensor, cache=None) -> tuple[Tensor, Tensor | None]:
+    def forward(self, h: Tensor, cache=None, start: int = 0) -> tuple[Tensor, Tensor | None]:
         x = self.mixer_norm(h)
         if isinstance(self.mixer, BMojoMixer):
-            y, aux = self.mixer.forward_with_aux(x, cache)
+            y, aux = self.mixer.forward_with_aux(x, cache, start)
         else:
-            y, aux = self.mixer(x, cache), None
+            y, aux = self.mixer(x, cache, start), None
         return self._mlp(h + y), aux
 
     def step(self, h: Tensor, cache, position: int) -> Tensor:
@@ -139,23 +139,26 @@ class LanguageModel(nn.Module):
 
     def forward(self, tokens: Tensor, cache: ModelCache | None = None) -> ModelOutput:
         """Logits for ``tokens [B, L]``. With a ``cache`` the sequence continues from the
-        cache's position and the cache is updated in place: a fresh cache is filled by the
-        parallel path (prefill); a cache past position 0 advances token by token (decoding)."""
+        cache's position and the cache is updated in place, exactly as decoding the tokens one
+        by one would (DESIGN.md §7, §8.3): the parallel path fills a fresh cache (prefill) or
+        continues a used one (chunked prefill: a long prompt can be fed in pieces of any
+        length); a single token after position 0 is one decoding step (:meth:`step`)."""
         self._check_tokens(tokens)
         if cache is not None and cache.batch_size != tokens.shape[0]:
             raise ValueError(f"cache holds {cache.batch_size} sequences, tokens hold {tokens.shape[0]}")
-        if cache is not None and cache.position > 0:
-            logits = torch.stack([self.step(tokens[:, t], cache) for t in range(tokens.shape[1])], dim=1)
+        start = cache.position if cache is not None else 0
+        if start > 0 and tokens.shape[1] == 1:
+            logits = self.step(tokens[:, 0], cache)[:, None]
             return ModelOutput(logits, logits.new_zeros((), dtype=torch.float32), cache)
         h = self.embed(tokens)
         aux = h.new_zeros((), dtype=torch.float32)
         layer_caches = cache.layers if cache is not None else [None] * len(self.blocks)
         for block, layer_cache in zip(self.blocks, layer_caches, strict=True):
-            h, layer_aux = block(h, layer_cache)
+            h, layer_aux = block(h, layer_cache, start)
             if layer_aux is not None:
                 aux = aux + layer_aux
         if cache is not None:
-            cache.position = tokens.shape[1]
+            cache.position = start + tokens.shape[1]
         return ModelOutput(self.lm_head(self.norm(h)), aux, cache)
 
     def step(self, token: Tensor, cache: ModelCache) -> Tensor:

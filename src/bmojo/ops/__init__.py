@@ -1,6 +1,11 @@
 """Pure tensor functions: each fast path next to its reference (DESIGN.md §3–§4, §8.2)."""
 
-from bmojo.ops.attention import union_attention_chunked, union_attention_reference, union_attention_step
+from bmojo.ops.attention import (
+    attention_continued,
+    union_attention_chunked,
+    union_attention_reference,
+    union_attention_step,
+)
 from bmojo.ops.eidetic import (
     eidetic_memory_per_chunk,
     eidetic_memory_sequential,
@@ -15,6 +20,7 @@ from bmojo.ops.ssd import ssd_chunked, ssd_sequential, ssd_step
 
 __all__ = [
     "apply_rope",
+    "attention_continued",
     "eidetic_memory_per_chunk",
     "eidetic_memory_sequential",
     "eidetic_memory_update",

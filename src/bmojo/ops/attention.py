@@ -19,7 +19,9 @@ Three functions compute it:
   against only the keys a block can see, never an ``L x L`` matrix
   (:func:`union_attention_blocks`); full causal attention (``window=None``), and plain
   sliding-window attention over short sequences, go to PyTorch's fused SDPA;
-- :func:`union_attention_step`: one query against a decoding cache.
+- :func:`union_attention_step`: one query against a decoding cache;
+- :func:`attention_continued`: the raw-window (or full causal) attention of a block of new
+  queries that continue a sequence whose past keys a cache holds (a continued prefill).
 
 Shapes: ``q [b, l, h, dh]``, ``k, v, kf, vf [b, l, hkv, dh]`` with ``h % hkv == 0``
 (grouped-query attention: query head ``i`` reads key head ``i // (h // hkv)``).
@@ -259,6 +261,40 @@ def union_attention_blocks(
     out = probs.view(b, hkv, nq, group * C, -1) @ torch.cat(values, dim=3)  # [b, hkv, nq, group*C, dh]
     out = out.view(b, hkv, nq, group, C, dh).permute(0, 2, 4, 1, 3, 5)  # [b, nq, C, hkv, group, dh]
     return out.reshape(b, nq * C, h, dh)[:, :l]
+
+
+def attention_continued(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    past_k: Tensor,
+    past_v: Tensor,
+    window: int | None,
+    chunk_size: int = 64,
+    scale: float | None = None,
+) -> Tensor:
+    """Attention of ``l`` new queries that continue a sequence: ``q [b, l, h, dh]`` and
+    ``k, v [b, l, hkv, dh]`` at positions ``p .. p+l-1``, ``past_k, past_v [b, n, hkv, dh]``
+    the keys of positions ``p-n .. p-1`` (every past position for full attention, at least
+    the last ``min(p, W-1)`` for a window). Same result as :func:`union_attention_chunked`
+    over the whole sequence, rows ``p ..``; ``[b, l, h, dh]``.
+
+    Full attention: one SDPA call of the new queries against past and new keys, with the
+    causal mask shifted by ``n``. Window: :func:`union_attention_chunked` over the past and
+    new positions, with zero queries in the past (their rows are dropped).
+    """
+    n, l = past_k.shape[1], q.shape[1]
+    keys, values = torch.cat([past_k, k], 1), torch.cat([past_v, v], 1)  # [b, n+l, hkv, dh]
+    if window is not None:
+        queries = torch.cat([q.new_zeros(q.shape[0], n, *q.shape[2:]), q], 1)  # [b, n+l, h, dh]
+        return union_attention_chunked(queries, keys, values, window, chunk_size=chunk_size, scale=scale)[:, n:]
+    _check_inputs(q, k, v, window, 0, None, None, None, None, None, chunk_size)
+    group = q.shape[2] // k.shape[2]
+    qh = q.transpose(1, 2)  # [b, h, l, dh]
+    kh, vh = (t.transpose(1, 2).repeat_interleave(group, dim=1) for t in (keys, values))  # [b, h, n+l, dh]
+    causal = torch.arange(n + l, device=q.device)[None, :] <= torch.arange(l, device=q.device)[:, None] + n
+    out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=causal, scale=scale)  # [b, h, l, dh]
+    return out.transpose(1, 2)
 
 
 def union_attention_step(

@@ -106,17 +106,20 @@ def empty_memory(batch: int, capacity: int, device: torch.device | None = None) 
 
 
 def eidetic_memory_sequential(
-    sel_pos: Tensor, sel_score: Tensor, capacity: int, policy: str
+    sel_pos: Tensor, sel_score: Tensor, capacity: int, policy: str,
+    initial: tuple[Tensor, Tensor] | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Reference: memory visible to each chunk, by folding :func:`eidetic_memory_update`.
 
     ``sel_* [b, nc, k]`` -> ``(mem_pos, mem_score)`` of shape ``[b, nc + 1, M]``; entry ``c``
-    is the memory after chunks ``0 .. c-1`` completed (what chunk ``c`` sees).
+    is the memory after chunks ``0 .. c-1`` completed (what chunk ``c`` sees). ``initial``
+    (``pos, score [b, M]``, default empty) is the memory before chunk ``0``: a decoder's
+    memory when a sequence continues (DESIGN.md §7).
     """
     if policy not in POLICIES:
         raise ValueError(f"eidetic policy must be one of {POLICIES}, got {policy!r}")
     b, nc, _ = sel_pos.shape
-    pos, score = empty_memory(b, capacity, sel_pos.device)
+    pos, score = empty_memory(b, capacity, sel_pos.device) if initial is None else initial
     out_pos, out_score = [pos], [score]
     for c in range(nc):
         idx = eidetic_memory_update(pos, score, sel_pos[:, c], sel_score[:, c], policy)
@@ -128,35 +131,36 @@ def eidetic_memory_sequential(
 
 
 def eidetic_memory_per_chunk(
-    sel_pos: Tensor, sel_score: Tensor, capacity: int, policy: str
+    sel_pos: Tensor, sel_score: Tensor, capacity: int, policy: str,
+    initial: tuple[Tensor, Tensor] | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """Fast path of :func:`eidetic_memory_sequential`, same result and slot order.
+    """Fast path of :func:`eidetic_memory_sequential`, same arguments, result and slot order.
 
     ``"fifo"``: chunk ``c`` sees the selections of chunks ``c - M/k .. c-1`` (a sliding
-    window over chunks). ``"score"``: chunk ``c`` sees the ``M`` best ranked selections of
-    chunks ``< c`` (all chunks at once, ``O(nc² k)`` memory, fine for ``nc`` in the hundreds).
+    window over chunks; the ``initial`` memory, oldest first, is the selections of the
+    ``M/k`` chunks before chunk ``0``). ``"score"``: chunk ``c`` sees the ``M`` best ranked
+    entries of the initial memory and the selections of chunks ``< c`` (all chunks at once,
+    ``O(nc² k)`` memory, fine for ``nc`` in the hundreds).
     """
     if policy not in POLICIES:
         raise ValueError(f"eidetic policy must be one of {POLICIES}, got {policy!r}")
     b, nc, k = sel_pos.shape
     if capacity == 0:
         return sel_pos.new_full((b, nc + 1, 0), -1), sel_score.new_full((b, nc + 1, 0), float("-inf"))
+    init_pos, init_score = empty_memory(b, capacity, sel_pos.device) if initial is None else initial  # [b, M]
     if policy == "fifo":
         history = capacity // k
-        pos = torch.cat([sel_pos.new_full((b, history, k), -1), sel_pos], 1)  # [b, history + nc, k]
-        score = torch.cat([sel_score.new_full((b, history, k), float("-inf")), sel_score], 1)
+        pos = torch.cat([init_pos.view(b, history, k), sel_pos], 1)  # [b, history + nc, k]
+        score = torch.cat([init_score.view(b, history, k), sel_score], 1)
         windows = torch.arange(nc + 1, device=sel_pos.device)[:, None] + torch.arange(history, device=sel_pos.device)
         return pos[:, windows].reshape(b, nc + 1, capacity), score[:, windows].reshape(b, nc + 1, capacity)
-    # policy == "score"
-    flat_pos = sel_pos.reshape(b, 1, nc * k)
-    flat_score = sel_score.reshape(b, 1, nc * k)
-    entry_chunk = torch.arange(nc, device=sel_pos.device).repeat_interleave(k)  # [nc*k]
-    seen = entry_chunk[None, :] < torch.arange(nc + 1, device=sel_pos.device)[:, None]  # [nc+1, nc*k]
-    pos = torch.where(seen, flat_pos, -1)  # [b, nc+1, nc*k]
+    # policy == "score": the initial entries are seen by every chunk
+    flat_pos = torch.cat([init_pos, sel_pos.reshape(b, nc * k)], 1)[:, None]  # [b, 1, M + nc*k]
+    flat_score = torch.cat([init_score, sel_score.reshape(b, nc * k)], 1)[:, None]
+    entry_chunk = torch.cat([torch.full((capacity,), -1, device=sel_pos.device),
+                             torch.arange(nc, device=sel_pos.device).repeat_interleave(k)])  # [M + nc*k]
+    seen = entry_chunk[None, :] < torch.arange(nc + 1, device=sel_pos.device)[:, None]  # [nc+1, M + nc*k]
+    pos = torch.where(seen, flat_pos, -1)  # [b, nc+1, M + nc*k]
     score = torch.where(seen, flat_score, float("-inf"))
-    if nc * k < capacity:
-        pad = capacity - nc * k
-        pos = torch.cat([pos, pos.new_full((b, nc + 1, pad), -1)], -1)
-        score = torch.cat([score, score.new_full((b, nc + 1, pad), float("-inf"))], -1)
     order = rank_order(score, pos)[..., :capacity]
     return pos.gather(-1, order), score.gather(-1, order)
