@@ -102,6 +102,8 @@ def test_generate_with_a_disk_block_store(data_dir, tmp_path, capsys):
     store_dir = tmp_path / "store"
     assert main([*argv, "--storage", str(store_dir)]) == 0
     assert capsys.readouterr().out == in_ram  # the same decode, its blocks in memory-mapped files
+    assert main([*argv, "--prefill-piece", "16"]) == 0
+    assert capsys.readouterr().out == in_ram  # the prompt read in pieces: the same decode
     assert any(path.stat().st_size > 0 for path in store_dir.iterdir())
     without_storage = tmp_path / "swa-no-storage"
     assert main(["train", "--task", "lm", "--data", str(data_dir), "--arch", "swa", "--out", str(without_storage),

@@ -351,7 +351,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         Path(args.storage).mkdir(parents=True, exist_ok=True)
         cache = model.new_cache(1, storage_dir=args.storage)
     for token in stream_generate(model, tokens, args.max_new_tokens, args.temperature, args.top_k, args.top_p,
-                                 args.seed, cache=cache):
+                                 args.seed, cache=cache, prefill_piece=args.prefill_piece):
         new_ids.append(int(token[0]))
         text = tokenizer.decode(new_ids)
         if not text.endswith("\ufffd"):  # hold back a character whose bytes are still coming
@@ -520,6 +520,9 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--storage", default=None, metavar="DIR",
                           help="keep the block stores of a model with storage_blocks > 0 in memory-mapped files "
                                "in DIR instead of RAM (DESIGN.md §5)")
+    generate.add_argument("--prefill-piece", type=positive_int, default=None, metavar="N",
+                          help="read the prompt in pieces of N tokens (chunked prefill: same output, memory "
+                               "bounded by N instead of the prompt's length)")
     generate.add_argument("--device", default=None, help="torch device; none: cpu")
     generate.set_defaults(func=cmd_generate)
     return parser

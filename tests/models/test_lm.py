@@ -218,6 +218,20 @@ def test_generate_prefills_once_and_matches_greedy_recomputation():
     assert torch.equal(out, seq)
 
 
+@pytest.mark.parametrize("name", ["transformer", "hybrid", "bmojo"])
+def test_generate_with_a_prompt_in_pieces_is_the_same(name):
+    from bmojo.models.sampling import stream_generate
+
+    model = tiny_model(name)
+    prompt = tokens(length=31)
+    whole = list(stream_generate(model, prompt, 10, temperature=0.0))
+    for piece in (1, 6, 31, 64):
+        assert [t.tolist() for t in stream_generate(model, prompt, 10, temperature=0.0, prefill_piece=piece)] == \
+            [t.tolist() for t in whole]
+    with pytest.raises(ValueError, match="prefill_piece"):
+        list(stream_generate(model, prompt, 1, prefill_piece=0))
+
+
 def test_generate_sampling_is_seeded():
     model = tiny_model("hybrid")
     prompt = tokens(length=5)

@@ -14,6 +14,7 @@ from bmojo.ops import (
     rank_order,
     select_per_chunk,
     selection_scores,
+    top_ranked,
 )
 
 NEG_INF = float("-inf")
@@ -86,6 +87,19 @@ def test_rank_order_matches_python(seed):
         n_empty = int((score[r] == NEG_INF).sum())
         assert torch.all(ranked[m - n_empty :] == NEG_INF)  # empties last
         assert torch.all(ranked[: m - n_empty] > NEG_INF)
+
+
+@pytest.mark.parametrize("k", [1, 3, 50, 80])
+@pytest.mark.parametrize("seed", range(4))
+def test_top_ranked_equals_rank_order(seed, k):
+    """Ties (few distinct scores), -inf, +-0.0, negative and huge scores, positions -1 and
+    large, in any order: the same first k entries as the two stable sorts."""
+    gen = torch.Generator().manual_seed(seed)
+    values = torch.tensor([NEG_INF, -3e38, -2.5, -0.0, 0.0, 1e-30, 2.5, 3e38, float("inf")])
+    score = values[torch.randint(0, len(values), (3, 5, 60), generator=gen)]
+    pos = torch.randperm(60, generator=gen).expand(3, 5, 60) * 1000003 % (2**31 - 2) - 1
+    order = top_ranked(score, pos, k)
+    assert torch.equal(order, rank_order(score, pos)[..., :k])
 
 
 def test_rank_order_tie_break_by_position():

@@ -49,16 +49,23 @@ def stream_generate(
     top_p: float | None = None,
     seed: int | None = None,
     cache=None,
+    prefill_piece: int | None = None,
 ) -> Iterator[Tensor]:
     """Prefill ``tokens [B, L]`` once into a fixed-size cache (``cache``, empty, e.g. one with
     a disk block store; default: a fresh one), then yield each new token ``[B]`` as soon as it
     is sampled; each step costs the same whatever the context length (DESIGN.md §7).
+    ``prefill_piece`` feeds the prompt in pieces of that many tokens (chunked prefill: the
+    same cache and logits, with the prefill's activations bounded by the piece, not the prompt).
     ``model`` is a :class:`bmojo.models.lm.LanguageModel`."""
     if max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    if prefill_piece is not None and prefill_piece < 1:
+        raise ValueError(f"prefill_piece must be >= 1, got {prefill_piece}")
     tokens = tokens.to(model.embed.weight.device)
     cache = model.new_cache(tokens.shape[0]) if cache is None else cache
-    logits = model(tokens, cache).logits[:, -1]  # [B, V]
+    piece = prefill_piece or tokens.shape[1]
+    for start in range(0, tokens.shape[1], piece):
+        logits = model(tokens[:, start:start + piece], cache).logits[:, -1]  # [B, V]
     generator = None
     if seed is not None:
         generator = torch.Generator(device=tokens.device).manual_seed(seed)

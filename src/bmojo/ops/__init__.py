@@ -14,6 +14,7 @@ from bmojo.ops.eidetic import (
     rank_order,
     select_per_chunk,
     selection_scores,
+    top_ranked,
 )
 from bmojo.ops.rope import apply_rope, rope_angles
 from bmojo.ops.ssd import ssd_chunked, ssd_sequential, ssd_step
@@ -32,6 +33,7 @@ __all__ = [
     "ssd_chunked",
     "ssd_sequential",
     "ssd_step",
+    "top_ranked",
     "union_attention_chunked",
     "union_attention_reference",
     "union_attention_step",

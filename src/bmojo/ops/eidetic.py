@@ -57,6 +57,18 @@ def rank_order(score: Tensor, pos: Tensor) -> Tensor:
     return by_pos.gather(-1, by_score)
 
 
+def top_ranked(score: Tensor, pos: Tensor, k: int) -> Tensor:
+    """``rank_order(score, pos)[..., :k]`` (entries with position ``< 2**31 - 1``, no NaN) in
+    ``O(n)``: one ``topk`` on an int64 key that orders exactly as the ranking does, the
+    float32 score's bits made order-preserving in the high half and ``2**31 - 1 - pos`` in
+    the low half. For rankings of many entries (a block store's), where two stable sorts
+    cost ``O(n log n)``."""
+    bits = (score.float() + 0.0).view(torch.int32)  # + 0.0 turns -0.0 into +0.0: they tie as floats
+    ordered = torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits).long()  # increasing with the score
+    key = (ordered << 32) + (2**31 - 1 - pos.long())  # larger = better: higher score, then earlier position
+    return key.topk(min(k, key.shape[-1]), dim=-1).indices
+
+
 def select_per_chunk(
     score: Tensor, chunk_size: int, k: int, threshold: float | None = None
 ) -> tuple[Tensor, Tensor]:

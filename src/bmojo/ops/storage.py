@@ -37,7 +37,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from bmojo.ops.eidetic import rank_order
+from bmojo.ops.eidetic import top_ranked
 
 OVERFLOW_POLICIES = ("error", "evict")
 
@@ -87,7 +87,7 @@ def select_blocks(scores: Tensor, block_ids: Tensor, r: int) -> tuple[Tensor, Te
     ``block_ids [B, ..., m]`` -> ``(index [B, ..., r] into m, ids [B, ..., r])``, best first,
     ties to the smaller id; ``-1`` where fewer than ``r`` blocks are available."""
     m = scores.shape[-1]
-    order = rank_order(scores, block_ids)[..., :r]
+    order = top_ranked(scores, block_ids, r)
     empty = torch.isinf(scores.gather(-1, order))
     index = order.masked_fill(empty, -1)
     ids = block_ids.gather(-1, order).masked_fill(empty, -1)
