@@ -493,8 +493,9 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--max-tokens", type=positive_int, default=262144,
                           help="--task lm: predicted tokens per length at most")
     evaluate.add_argument("--parallel-tokens", type=positive_int, default=2048,
-                          help="--task lm: positions of a window run in one parallel forward; later ones are "
-                               "streamed through the decoding cache, so memory stays bounded (default: 2048)")
+                          help="--task lm: a longer window is read in pieces of this many positions, each a "
+                               "parallel forward continuing the decoding cache (chunked prefill), so memory stays "
+                               "bounded (default: 2048)")
     evaluate.add_argument("--png", default=None,
                           help="--task lm: plot path (default: FIRST_CKPT/perplexity_vs_length.png)")
     evaluate.add_argument("--test-lengths", type=_int_list, default=None, help="default: the run's")

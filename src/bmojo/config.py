@@ -9,7 +9,7 @@ from typing import Any
 
 from bmojo.layers.bmojo import EIDETIC_ROPE_MODES
 from bmojo.ops.eidetic import POLICIES, SELECTIONS
-from bmojo.ops.storage import OVERFLOW_POLICIES
+from bmojo.ops.storage import OVERFLOW_POLICIES, STORAGE_SOURCES
 from bmojo.serialization import from_dict_strict
 
 # DESIGN.md §6: the mixer of each layer, by letter.
@@ -75,6 +75,7 @@ class ModelConfig:
     storage_block_size: int | None = None  # S: tokens per stored block (default chunk_size)
     storage_budget_bytes: int = 0  # per layer and sequence; 0: no budget
     storage_overflow: str = "error"  # at the budget: "error" raises, "evict" drops the oldest block
+    storage_source: str = "raw"  # what is stored: "raw" tokens older than the window, or "evicted" memory entries
     # Mamba-2 (S, F, B layers)
     d_state: int = 64
     ssm_headdim: int = 64
@@ -182,6 +183,9 @@ class ModelConfig:
             positive_int("storage_block_size")
             require(self.storage_overflow in OVERFLOW_POLICIES, "storage_overflow",
                     f"must be one of {OVERFLOW_POLICIES}")
+            require(self.storage_source in STORAGE_SOURCES, "storage_source", f"must be one of {STORAGE_SOURCES}")
+            require(self.storage_source == "raw" or self.storage_blocks == 0 or self.eidetic_capacity > 0,
+                    "storage_source", "must be 'raw' without eidetic memory (eidetic_capacity=0): nothing is evicted")
         if kinds & set("SFB"):
             for field in ("d_state", "ssm_headdim", "expand", "d_conv", "ssm_ngroups"):
                 positive_int(field)

@@ -19,6 +19,7 @@ def test_quick_run_reports_memory_at_every_length(bench, json_line, tmp_path, on
         assert r["tokens_per_s"] > 0
     assert rows[0]["cache_bytes"] == rows[1]["cache_bytes"] > 0  # the decoding state is fixed
     assert 0 < rows[0]["store_bytes"] < rows[1]["store_bytes"]  # only the store grows
+    assert 0 < rows[0]["index_bytes"] < rows[1]["index_bytes"] < rows[1]["store_bytes"] / 16
     assert (tmp_path / store_file_name(0)).is_file() == on_disk
     assert "RssAnon" in out
 

@@ -65,32 +65,32 @@ def test_batching_and_memory_maps_do_not_change_the_result(tmp_path):
 
 @pytest.mark.parametrize("arch", ["bmojo", "transformer", "swa", "mamba2", "hybrid", "bmojo-f"])
 @pytest.mark.parametrize("parallel_tokens", [1, 7, 16])
-def test_streaming_a_window_through_the_cache_gives_the_parallel_result(arch, parallel_tokens):
-    """Past ``parallel_tokens`` each position is one decoding step; a window of 30 crosses
-    several chunks, the window and the fading span, and fills the eidetic memory."""
+def test_a_window_in_pieces_through_the_cache_gives_the_parallel_result(arch, parallel_tokens):
+    """A window of 30 read in pieces crosses several chunks, the window and the fading span,
+    and fills the eidetic memory."""
     model = tiny_model(arch)
     tokens = stream(3 * 30 + 1)
     parallel = perplexity_at(model, tokens, 30)
-    streamed = perplexity_at(model, tokens, 30, parallel_tokens=parallel_tokens)
-    assert streamed.tokens == parallel.tokens == 90
-    assert streamed.loss == pytest.approx(parallel.loss, rel=1e-5)
+    in_pieces = perplexity_at(model, tokens, 30, parallel_tokens=parallel_tokens)
+    assert in_pieces.tokens == parallel.tokens == 90
+    assert in_pieces.loss == pytest.approx(parallel.loss, rel=1e-5)
 
 
-def test_streaming_runs_decoding_steps_only_past_the_parallel_prefix(monkeypatch):
+def test_a_long_window_is_read_in_pieces_of_parallel_tokens(monkeypatch):
     model = tiny_model()
-    steps = []
-    original_step = model.step
+    pieces = []
+    original_forward = model.forward
 
-    def counted_step(token, cache):
-        steps.append(cache.position)
-        return original_step(token, cache)
+    def counted_forward(tokens, cache=None):
+        pieces.append((tokens.shape[1], None if cache is None else cache.position))
+        return original_forward(tokens, cache)
 
-    monkeypatch.setattr(model, "step", counted_step)
-    perplexity_at(model, stream(2 * 20 + 1), 20, parallel_tokens=12)
-    assert steps == list(range(12, 20))  # both windows in one batch: one step per position past the prefix
-    steps.clear()
+    monkeypatch.setattr(model, "forward", counted_forward)
+    perplexity_at(model, stream(2 * 20 + 1), 20, parallel_tokens=8)
+    assert pieces == [(8, 0), (8, 8), (4, 16)]  # both windows in one batch: three pieces, the cache continued
+    pieces.clear()
     perplexity_at(model, stream(2 * 20 + 1), 20, parallel_tokens=20)
-    assert steps == []
+    assert pieces == [(20, None)]
 
 
 def test_max_tokens_and_errors():

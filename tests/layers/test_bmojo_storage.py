@@ -35,14 +35,16 @@ L = 61  # past W + F + M several times; not a multiple of C or of the block size
 
 def make_storage_mixer(seed: int = 0, *, r: int = 2, block: int = 3, capacity: int = M, rope: str = "none",
                        budget_blocks: int = 0, overflow: str = "error", n_kv_heads: int = 2, window: int = W,
-                       fading_span: int = FS, ssm_residual: bool = True, policy: str = "score") -> BMojoMixer:
+                       fading_span: int = FS, ssm_residual: bool = True, policy: str = "score",
+                       source: str = "raw", threshold: float | None = None) -> BMojoMixer:
     torch.manual_seed(seed)
     budget = budget_blocks * block_bytes(block, n_kv_heads, DH, 4)
     mixer = BMojoMixer(
         D_MODEL, H, n_kv_heads, window=window, fading_span=fading_span, chunk_size=C, eidetic_per_chunk=K,
         eidetic_capacity=capacity, eidetic_policy=policy, eidetic_rope=rope, ssm_residual=ssm_residual,
         qk_norm=True, d_state=8, ssm_headdim=16, storage_blocks=r, storage_block_size=block,
-        storage_budget_bytes=budget, storage_overflow=overflow,
+        storage_budget_bytes=budget, storage_overflow=overflow, storage_source=source,
+        innovation_threshold=threshold,
     )
     with torch.no_grad():
         for name, p in mixer.named_parameters():
@@ -54,34 +56,69 @@ def make_storage_mixer(seed: int = 0, *, r: int = 2, block: int = 3, capacity: i
     return mixer.eval()
 
 
-def hand_retrieval(mixer: BMojoMixer, x: torch.Tensor, max_blocks: int | None = None) -> list[list[list[int]]]:
-    """``blocks[b][n]``: the blocks chunk ``n`` retrieves, best first (``n = 0 .. L//C``)."""
+def hand_eidetic_qk(mixer: BMojoMixer, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The queries and keys the eidetic memory and the store use, from the spec."""
     b, length, _ = x.shape
-    Wn, Fs, Cs, S, r = mixer.window, mixer.fading_span, mixer.chunk_size, mixer.storage_block_size, \
-        mixer.storage_blocks
-    hkv = mixer.n_kv_heads
     with torch.no_grad():
         def norm(t, module):
             return t / torch.sqrt(t.pow(2).mean(-1, keepdim=True) + 1e-5) * module.weight
 
         q = norm((x @ mixer.q_proj.weight.T).reshape(b, length, H, DH), mixer.q_norm)
-        k = norm((x @ mixer.k_proj.weight.T).reshape(b, length, hkv, DH), mixer.k_norm)
+        k = norm((x @ mixer.k_proj.weight.T).reshape(b, length, mixer.n_kv_heads, DH), mixer.k_norm)
         pos = torch.arange(length)
         if mixer.eidetic_rope == "none":
-            qe, ke = q, k
-        elif mixer.eidetic_rope == "absolute":
-            qe, ke = _rot(q, pos), _rot(k, pos)
-        else:
-            qe, ke = _rot(q, torch.full((length,), Wn + Fs)), k
+            return q, k
+        if mixer.eidetic_rope == "absolute":
+            return _rot(q, pos), _rot(k, pos)
+        return _rot(q, torch.full((length,), mixer.window + mixer.fading_span)), k
+
+
+def hand_block_entries(mixer: BMojoMixer, x: torch.Tensor) -> tuple[list[list[list[int]]], list[int]]:
+    """``(entries[b][blk], counts)``: the positions of the entries of every block the sequence
+    writes (``-1``: empty entry), and the number of blocks stored at each boundary
+    ``n = 0 .. L//C``. ``"raw"``: position-aligned blocks old enough. ``"evicted"``: at every
+    boundary, ``(memory ∪ selections) − next memory`` ranked (score desc, position asc) and
+    padded with empties to ``k``, in one stream cut into blocks of ``S``."""
+    b, length, _ = x.shape
+    Wn, Fs, Cs, S = mixer.window, mixer.fading_span, mixer.chunk_size, mixer.storage_block_size
+    nc = length // Cs
+    if mixer.storage_source == "raw":
+        counts = [max(0, (n * Cs - Wn - Fs + 1) // S) for n in range(nc + 1)]
+        return [[list(range(blk * S, (blk + 1) * S)) for blk in range(counts[-1])] for _ in range(b)], counts
+    k = mixer.eidetic_per_chunk
+    score = hand_scores(mixer, x)
+    sel = hand_select(score, Cs, k, mixer.innovation_threshold)
+    memory = hand_memory(*sel, mixer.eidetic_capacity, mixer.eidetic_policy)
+    entries = []
+    for bi in range(b):
+        stream = []
+        for c in range(nc):
+            before = memory[bi][c] | {int(p) for p in sel[0][bi, c] if p >= 0}
+            gone = sorted(before - memory[bi][c + 1], key=lambda t: (-float(score[bi, t]), t))
+            stream += gone + [-1] * (k - len(gone))
+        entries.append([stream[blk * S:(blk + 1) * S] for blk in range(len(stream) // S)])
+    return entries, [n * k // S for n in range(nc + 1)]
+
+
+def hand_retrieval(mixer: BMojoMixer, x: torch.Tensor, max_blocks: int | None = None) -> list[list[list[int]]]:
+    """``blocks[b][n]``: the blocks chunk ``n`` retrieves, best first (``n = 0 .. L//C``): the
+    ``r`` stored blocks with a non-empty entry whose mean key (of those entries) best matches a
+    query of chunk ``n - 1`` (max over its queries and the heads); ties to the older block."""
+    b, length, _ = x.shape
+    Cs, r, hkv = mixer.chunk_size, mixer.storage_blocks, mixer.n_kv_heads
+    qe, ke = hand_eidetic_qk(mixer, x)
+    entries, counts = hand_block_entries(mixer, x)
     out = []
     for bi in range(b):
         rows = [[]]
         for n in range(1, length // Cs + 1):
-            count = max(0, (n * Cs - Wn - Fs + 1) // S)
-            first = max(0, count - max_blocks) if max_blocks else 0
+            first = max(0, counts[n] - max_blocks) if max_blocks else 0
             scored = []
-            for blk in range(first, count):
-                summary = ke[bi, blk * S:(blk + 1) * S].mean(0)  # [Hkv, dh]
+            for blk in range(first, counts[n]):
+                valid = [t for t in entries[bi][blk] if t >= 0]
+                if not valid:
+                    continue
+                summary = ke[bi, valid].mean(0)  # [Hkv, dh]
                 best = max(float(qe[bi, i, h] @ summary[h // (H // hkv)])
                            for i in range((n - 1) * Cs, n * Cs) for h in range(H))
                 scored.append((-best, blk))
@@ -90,8 +127,11 @@ def hand_retrieval(mixer: BMojoMixer, x: torch.Tensor, max_blocks: int | None = 
     return out
 
 
-def positions_of(blocks: list[list[list[int]]], block_size: int) -> list[list[set[int]]]:
-    return [[{blk * block_size + o for blk in row for o in range(block_size)} for row in rows] for rows in blocks]
+def positions_of(mixer: BMojoMixer, x: torch.Tensor, blocks: list[list[list[int]]]) -> list[list[set[int]]]:
+    """The positions of the non-empty entries of the retrieved blocks, per sequence and chunk."""
+    entries, _ = hand_block_entries(mixer, x)
+    return [[{t for blk in row for t in entries[bi][blk] if t >= 0} for row in rows]
+            for bi, rows in enumerate(blocks)]
 
 
 STORAGE_CONFIGS = [  # (r, block size, eidetic capacity, rope)
@@ -110,8 +150,10 @@ def test_retrieval_equals_hand(r: int, block: int, capacity: int, rope: str) -> 
         q, k, _ = mixer.project_qkv(x)
         cos, sin = mixer.rope(torch.arange(L))
         q_rot, k_rot = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        got = retrieval_per_chunk(mixer.eidetic_query(q, q_rot), mixer.eidetic_key(k, k_rot), r, W, FS, C, block,
-                                  None, "error")
+        entries, counts = hand_block_entries(mixer, x)
+        block_pos = torch.tensor(entries, dtype=torch.long).view(BATCH, counts[-1], block)
+        got = retrieval_per_chunk(mixer.eidetic_query(q, q_rot), mixer.eidetic_key(k, k_rot), block_pos,
+                                  counts[1:], r, C, None, "error")
     expected = hand_retrieval(mixer, x)
     for bi in range(BATCH):
         for n, row in enumerate(expected[bi]):
@@ -124,7 +166,7 @@ def test_forward_and_gradients_equal_plain(r: int, block: int, capacity: int, ro
     mixer = make_storage_mixer(seed=3, r=r, block=block, capacity=capacity, rope=rope)
     x = make_input(L, seed=4).requires_grad_(True)
     x2 = x.detach().clone().requires_grad_(True)
-    retrieved = positions_of(hand_retrieval(mixer, x.detach()), block)
+    retrieved = positions_of(mixer, x.detach(), hand_retrieval(mixer, x.detach()))
     y, y_plain = mixer(x), plain_bmojo(mixer, x2, retrieved=retrieved)
     torch.testing.assert_close(y, y_plain, atol=1e-5, rtol=1e-5)
     g = torch.randn(BATCH, L, D_MODEL, generator=torch.Generator().manual_seed(5))
@@ -141,9 +183,10 @@ def test_forward_and_gradients_equal_plain(r: int, block: int, capacity: int, ro
 
 def _check_decoding(mixer: BMojoMixer, x: torch.Tensor, prefix: int, max_blocks: int | None = None) -> None:
     """Prefill ``prefix`` tokens then decode: same outputs as the parallel path, the same
-    retrieved blocks per chunk, the store holding exactly the blocks old enough, with the
-    keys/values of their positions, and a fixed-size cache apart from the store."""
-    length, S = x.shape[1], mixer.storage_block_size
+    retrieved blocks per chunk, the store holding exactly the blocks written so far, with the
+    positions of their entries and those positions' keys/values, and a fixed-size cache apart
+    from the store."""
+    length = x.shape[1]
     with torch.no_grad():
         full = mixer(x)
         expected_blocks = hand_retrieval(mixer, x, max_blocks)
@@ -166,12 +209,20 @@ def _check_decoding(mixer: BMojoMixer, x: torch.Tensor, prefix: int, max_blocks:
     ids = store.block_ids()
     assert sorted(ids.tolist()) == list(range(written - store.count, written))
     everything = torch.arange(store.count)[None].expand(BATCH, -1)
-    kept_k, kept_v = store.fetch(everything)  # [B, count, S, Hkv, dh]
+    kept_k, kept_v, kept_pos = store.fetch(everything)  # [B, count, S, Hkv, dh], [B, count, S]
+    entries, _ = hand_block_entries(mixer, x)
     for slot, blk in enumerate(ids.tolist()):
-        torch.testing.assert_close(kept_k[:, slot], k_eid[:, blk * S:(blk + 1) * S], atol=1e-6, rtol=1e-6)
-        torch.testing.assert_close(kept_v[:, slot], v[:, blk * S:(blk + 1) * S], atol=1e-6, rtol=1e-6)
-        torch.testing.assert_close(store.summaries()[slot], k_eid[:, blk * S:(blk + 1) * S].mean(1), atol=1e-6,
-                                   rtol=1e-6)
+        for bi in range(BATCH):
+            assert kept_pos[bi, slot].tolist() == entries[bi][blk]
+            valid = kept_pos[bi, slot] >= 0
+            at = kept_pos[bi, slot, valid]
+            torch.testing.assert_close(kept_k[bi, slot, valid], k_eid[bi, at], atol=1e-6, rtol=1e-6)
+            torch.testing.assert_close(kept_v[bi, slot, valid], v[bi, at], atol=1e-6, rtol=1e-6)
+            assert not kept_k[bi, slot, ~valid].any() and not kept_v[bi, slot, ~valid].any()
+            if valid.any():
+                torch.testing.assert_close(store.summaries()[slot, bi], k_eid[bi, at].mean(0), atol=1e-6, rtol=1e-6)
+    if mixer.storage_source == "evicted":
+        assert any(t >= 0 for row in entries for blk in row for t in blk)  # entries did leave the memory
 
 
 @pytest.mark.parametrize(("r", "block", "capacity", "rope"), STORAGE_CONFIGS)
@@ -179,6 +230,54 @@ def _check_decoding(mixer: BMojoMixer, x: torch.Tensor, prefix: int, max_blocks:
 def test_parallel_equals_recurrent(r: int, block: int, capacity: int, rope: str, prefix: int) -> None:
     mixer = make_storage_mixer(seed=6, r=r, block=block, capacity=capacity, rope=rope)
     _check_decoding(mixer, make_input(L, seed=7), prefix)
+
+
+EVICTED_CONFIGS = [  # (r, block size, policy, innovation threshold, rope)
+    (2, 3, "score", None, "none"),
+    (1, 4, "fifo", None, "absolute"),
+    (3, 2, "score", 0.9, "window_edge"),  # thresholded selections: empty entries in the stream
+    (2, 5, "fifo", 0.9, "none"),
+]
+
+
+@pytest.mark.parametrize(("r", "block", "policy", "threshold", "rope"), EVICTED_CONFIGS)
+def test_evicted_entries_forward_and_gradients_equal_plain(r, block, policy, threshold, rope) -> None:
+    """``storage_source="evicted"``: the store holds what left the eidetic memory; the layer
+    equals the plain reference given the hand-computed stream of dropped entries."""
+    mixer = make_storage_mixer(seed=22, r=r, block=block, policy=policy, threshold=threshold, rope=rope,
+                               source="evicted")
+    x = make_input(L, seed=23).requires_grad_(True)
+    x2 = x.detach().clone().requires_grad_(True)
+    blocks = hand_retrieval(mixer, x.detach())
+    assert any(len(row) == r for row in blocks[0])  # the store does fill up
+    retrieved = positions_of(mixer, x.detach(), blocks)
+    y, y_plain = mixer(x), plain_bmojo(mixer, x2, tau=threshold, retrieved=retrieved)
+    torch.testing.assert_close(y, y_plain, atol=1e-5, rtol=1e-5)
+    g = torch.randn(BATCH, L, D_MODEL, generator=torch.Generator().manual_seed(24))
+    params = [p for n, p in mixer.named_parameters() if not n.startswith("predictor")]
+    got = torch.autograd.grad((y * g).sum(), [x, *params])
+    want = torch.autograd.grad((y_plain * g).sum(), [x2, *params])
+    for a, e in zip(got, want, strict=True):
+        torch.testing.assert_close(a, e, atol=1e-4, rtol=1e-4)
+    raw = make_storage_mixer(seed=22, r=r, block=block, policy=policy, threshold=threshold, rope=rope)
+    assert not torch.allclose(raw(x.detach()), y.detach(), atol=1e-4)  # another store, another result
+
+
+@pytest.mark.parametrize(("r", "block", "policy", "threshold", "rope"), EVICTED_CONFIGS)
+@pytest.mark.parametrize("prefix", [0, 9, 24])
+def test_evicted_entries_parallel_equals_recurrent(r, block, policy, threshold, rope, prefix) -> None:
+    mixer = make_storage_mixer(seed=25, r=r, block=block, policy=policy, threshold=threshold, rope=rope,
+                               source="evicted")
+    _check_decoding(mixer, make_input(L, seed=26), prefix)
+
+
+def test_evicted_entries_with_a_budget_evict_the_oldest_blocks() -> None:
+    mixer = make_storage_mixer(seed=27, budget_blocks=3, overflow="evict", source="evicted", block=2)
+    x = make_input(L, seed=28)
+    with torch.no_grad():
+        retrieved = positions_of(mixer, x, hand_retrieval(mixer, x, max_blocks=3))
+        torch.testing.assert_close(mixer(x), plain_bmojo(mixer, x, retrieved=retrieved), atol=1e-5, rtol=1e-5)
+    _check_decoding(mixer, x, 13, max_blocks=3)
 
 
 def test_eidetic_memory_agrees_with_storage_on() -> None:
@@ -216,7 +315,7 @@ def test_gradient_reaches_exactly_the_retrieved_tokens(i: int) -> None:
     x = make_input(L, seed=14).requires_grad_(True)
     g = torch.randn(BATCH, D_MODEL, generator=torch.Generator().manual_seed(15))
     (mixer(x)[:, i] * g).sum().backward()
-    retrieved = positions_of(hand_retrieval(mixer, x.detach()), 3)
+    retrieved = positions_of(mixer, x.detach(), hand_retrieval(mixer, x.detach()))
     for bi in range(BATCH):
         visible = retrieved[bi][i // C]
         assert len(visible) == 6
@@ -232,7 +331,7 @@ def test_duplicates_with_eidetic_memory_are_hidden() -> None:
     x = make_input(L, seed=17)
     sel = hand_select(hand_scores(mixer, x), C, K, None)
     memory = hand_memory(*sel, 8, "score")
-    retrieved = positions_of(hand_retrieval(mixer, x), 2)
+    retrieved = positions_of(mixer, x, hand_retrieval(mixer, x))
     assert any(memory[bi][n] & retrieved[bi][n] for bi in range(BATCH) for n in range(L // C))
     with torch.no_grad():
         torch.testing.assert_close(mixer(x), plain_bmojo(mixer, x, retrieved=retrieved), atol=1e-5, rtol=1e-5)
@@ -246,7 +345,7 @@ def test_budget_evict_drops_the_oldest_and_keeps_decoding() -> None:
     assert mixer.storage_capacity(torch.float32) == 4
     x = make_input(L, seed=19)
     with torch.no_grad():
-        retrieved = positions_of(hand_retrieval(mixer, x, max_blocks=4), 3)
+        retrieved = positions_of(mixer, x, hand_retrieval(mixer, x, max_blocks=4))
         torch.testing.assert_close(mixer(x), plain_bmojo(mixer, x, retrieved=retrieved), atol=1e-5, rtol=1e-5)
     for prefix in (0, 26):
         _check_decoding(mixer, x, prefix, max_blocks=4)
@@ -272,7 +371,8 @@ def test_budget_error_raises_clearly() -> None:
 
 
 @pytest.mark.parametrize(("field", "value"), [("storage_blocks", -1), ("storage_block_size", 0),
-                                              ("storage_budget_bytes", -5), ("storage_overflow", "drop")])
+                                              ("storage_budget_bytes", -5), ("storage_overflow", "drop"),
+                                              ("storage_source", "all"), ("storage_source", "evicted")])
 def test_invalid_storage_arguments_name_the_field(field: str, value) -> None:
     kwargs = dict(window=4, fading_span=3, chunk_size=4, d_state=8, ssm_headdim=16, storage_blocks=1)
     with pytest.raises(ValueError, match=field):

@@ -100,12 +100,14 @@ def test_bmojo_other_geometries(fading_span: int, capacity: int, window: int, ch
 
 
 @pytest.mark.parametrize("schedule", list(SCHEDULES))
-@pytest.mark.parametrize(("r", "block", "capacity", "budget", "overflow"),
-                         [(2, 3, 4, 0, "error"), (3, 2, 0, 0, "error"), (2, 4, 4, 0, "error"),
-                          (2, 3, 4, 4, "evict")])
-def test_bmojo_with_storage(r: int, block: int, capacity: int, budget: int, overflow: str, schedule: str) -> None:
+@pytest.mark.parametrize(("r", "block", "capacity", "budget", "overflow", "source"),
+                         [(2, 3, 4, 0, "error", "raw"), (3, 2, 0, 0, "error", "raw"), (2, 4, 4, 0, "error", "raw"),
+                          (2, 3, 4, 4, "evict", "raw"), (2, 3, 4, 0, "error", "evicted"),
+                          (1, 2, 6, 3, "evict", "evicted")])
+def test_bmojo_with_storage(r: int, block: int, capacity: int, budget: int, overflow: str, source: str,
+                            schedule: str) -> None:
     mixer = make_storage_mixer(seed=8, r=r, block=block, capacity=capacity, budget_blocks=budget,
-                               overflow=overflow, rope="absolute")
+                               overflow=overflow, rope="absolute", source=source)
     _check(mixer, make_input(61, seed=9), SCHEDULES[schedule] + (61,))
 
 

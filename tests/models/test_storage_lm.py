@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from bmojo import LanguageModel, ModelConfig
-from bmojo.ops.storage import store_file_name
+from bmojo.ops.storage import block_bytes, store_file_name
 
 TINY = dict(vocab_size=37, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, window=4, fading_span=3,
             chunk_size=4, eidetic_per_chunk=2, eidetic_capacity=4, d_state=8, ssm_headdim=16, mlp_ratio=2.0,
@@ -80,12 +80,13 @@ def test_bf16_model_stores_bf16_and_decodes_like_its_parallel_forward(tmp_path, 
     torch.testing.assert_close(decoded.float(), full.float(), atol=2e-2, rtol=0)  # bf16 rounding, not drift
 
 
+@pytest.mark.parametrize("source", ["raw", "evicted"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_disk_store_resumes_after_a_restart(tmp_path, dtype):
+def test_disk_store_resumes_after_a_restart(tmp_path, dtype, source):
     """Decode 30 tokens, save the cache next to its store files, rebuild the model and the
     cache from disk in fresh objects, decode the rest: identical to one uninterrupted decode."""
     x = tokens(length=70)
-    model = tiny_model().to(dtype)
+    model = tiny_model(storage_source=source).to(dtype)
     with torch.no_grad():
         cache = model.new_cache(2, storage_dir=tmp_path / "a")
         reference = [model(x[:, :12], cache).logits] + [model(x[:, t:t + 1], cache).logits for t in range(12, 70)]
@@ -95,8 +96,8 @@ def test_disk_store_resumes_after_a_restart(tmp_path, dtype):
             model(x[:, t:t + 1], cache)
         cache.save(tmp_path / "cache.pt")
     del cache, model
-    model = LanguageModel(ModelConfig.preset("bmojo", **TINY)).to(dtype)  # fresh weights, reloaded as a process would
-    model.load_state_dict(tiny_model().to(dtype).state_dict())
+    model = LanguageModel(ModelConfig.preset("bmojo", **TINY, storage_source=source)).to(dtype)  # as a process would
+    model.load_state_dict(tiny_model(storage_source=source).to(dtype).state_dict())
     model.eval()
     with torch.no_grad():
         cache = model.load_cache(tmp_path / "cache.pt", storage_dir=tmp_path / "b")
@@ -135,7 +136,7 @@ def test_resume_errors_are_clear(tmp_path):
 
 
 def test_budget_evict_in_a_model(tmp_path):
-    model = tiny_model(storage_budget_bytes=5 * (2 * 3 + 1) * 2 * 8 * 4, storage_overflow="evict")
+    model = tiny_model(storage_budget_bytes=5 * block_bytes(3, 2, 8, 4), storage_overflow="evict")
     x = tokens(length=80)
     with torch.no_grad():
         full = model(x).logits

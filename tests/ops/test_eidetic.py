@@ -7,6 +7,8 @@ import pytest
 import torch
 
 from bmojo.ops import (
+    eidetic_dropped_per_chunk,
+    eidetic_memory_dropped,
     eidetic_memory_per_chunk,
     eidetic_memory_sequential,
     eidetic_memory_update,
@@ -304,6 +306,37 @@ def test_memory_continued_from_an_initial_memory(split, policy, factor, threshol
         pos, score = fn(sel_pos[:, split:], sel_score[:, split:], capacity, policy, initial=initial)
         assert torch.equal(pos, whole_pos[:, split:]), fn.__name__
         assert torch.equal(score, whole_score[:, split:]), fn.__name__
+
+
+@pytest.mark.parametrize("threshold", [None, 1.0])
+@pytest.mark.parametrize("factor", [1, 3])
+@pytest.mark.parametrize("policy", ["fifo", "score"])
+def test_dropped_per_chunk_matches_the_decoder_and_python(policy, factor, threshold):
+    """What each boundary drops: the parallel form equals the decoder's fold of
+    ``eidetic_memory_update`` + ``eidetic_memory_dropped``, and the plain-Python set difference
+    ``(memory ∪ selections) − next memory`` ranked, padded with empties to k."""
+    b, chunk_size, k = 3, 8, 2
+    capacity = factor * k
+    sel_pos, sel_score = make_selections(b, 83, chunk_size, k, threshold, seed=factor)
+    mem_pos, mem_score = eidetic_memory_per_chunk(sel_pos, sel_score, capacity, policy)
+    pos, score = eidetic_dropped_per_chunk(sel_pos, sel_score, mem_pos, mem_score)
+    nc = sel_pos.shape[1]
+    assert pos.shape == score.shape == (b, nc, k)
+    state_pos, state_score = mem_pos[:, 0], mem_score[:, 0]
+    for c in range(nc):
+        all_pos = torch.cat([state_pos, sel_pos[:, c]], 1)
+        all_score = torch.cat([state_score, sel_score[:, c]], 1)
+        keep = eidetic_memory_update(state_pos, state_score, sel_pos[:, c], sel_score[:, c], policy)
+        dropped = eidetic_memory_dropped(all_pos, all_score, keep, k)
+        assert torch.equal(all_pos.gather(1, dropped), pos[:, c]), c
+        assert torch.equal(all_score.gather(1, dropped), score[:, c]), c
+        state_pos, state_score = all_pos.gather(1, keep), all_score.gather(1, keep)
+        for r in range(b):
+            before = to_pairs(mem_pos[r, c], mem_score[r, c]) + to_pairs(sel_pos[r, c], sel_score[r, c])
+            after = {p for p, _ in to_pairs(mem_pos[r, c + 1], mem_score[r, c + 1])}
+            gone = py_rank([(p, s_) for p, s_ in before if p >= 0 and p not in after])
+            assert to_pairs(pos[r, c], score[r, c]) == gone + [(-1, NEG_INF)] * (k - len(gone))
+    assert (pos >= 0).any()  # entries do leave the memory
 
 
 def test_fifo_memory_contents_explicit():

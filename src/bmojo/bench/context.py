@@ -7,8 +7,10 @@ At each of ``--lengths`` the process's memory is read from ``/proc/self/status``
 (resident), ``RssAnon`` (the process's own memory: heap and tensors), ``RssFile`` (mapped file pages:
 libraries and a disk store's pages, which the kernel can write back and drop) and ``VmHWM`` (peak
 resident). Also the decoding state's bytes (:meth:`~bmojo.models.cache.ModelCache.nbytes`, fixed),
-the stores' bytes (allocated records; they grow by doubling) and the tokens/s of the pieces since the
-previous length. With ``--storage-dir`` the stores are memory-mapped files there, else in RAM.
+the stores' bytes (allocated records; they grow by doubling), the stores' block index (summaries, in
+RAM wherever the records are) and the tokens/s of the pieces since the previous length. With
+``--storage-dir`` the stores are memory-mapped files there, else in RAM. Each row is printed when
+measured.
 
 The model is a checkpoint (``--ckpt``) or the `bmojo` preset at ``--size`` with random weights (memory
 does not depend on the weights), with storage ``r = --storage-blocks`` blocks of ``--storage-block-size``
@@ -20,11 +22,13 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+from tqdm import tqdm
 
 from bmojo.bench.common import (
     DEFAULT_SIZE,
@@ -56,6 +60,7 @@ class ContextRow:
     vm_hwm: int
     cache_bytes: int
     store_bytes: int
+    index_bytes: int
     tokens_per_s: float  # of the pieces since the previous row
 
 
@@ -117,8 +122,9 @@ def build_model(args: argparse.Namespace) -> LanguageModel:
 
 
 def measure_context(model: LanguageModel, lengths: list[int], piece: int, storage_dir: str | None, seed: int,
-                    progress: bool = True) -> list[ContextRow]:
-    """Chunked prefill of ``max(lengths)`` random tokens; one row at each of ``lengths``."""
+                    progress: bool = True, on_row: Callable[[ContextRow], None] | None = None) -> list[ContextRow]:
+    """Chunked prefill of ``max(lengths)`` random tokens; one row at each of ``lengths``, each
+    passed to ``on_row`` (with a progress bar, under it) as soon as it is measured."""
     generator = torch.Generator().manual_seed(seed)
     tokens = torch.randint(0, model.config.vocab_size, (1, max(lengths)), generator=generator)
     rows = []
@@ -137,23 +143,24 @@ def measure_context(model: LanguageModel, lengths: list[int], piece: int, storag
             rows.append(ContextRow(context=length, vm_rss=memory["VmRSS"], rss_anon=memory["RssAnon"],
                                    rss_file=memory["RssFile"], vm_hwm=memory["VmHWM"], cache_bytes=cache.nbytes(),
                                    store_bytes=cache.store_nbytes(),
+                                   index_bytes=sum(store.index_nbytes() for store in cache.stores()),
                                    tokens_per_s=(length - start_position) / (now - since)))
+            if on_row is not None:
+                on_row(rows[-1])
             since = now
     return rows
 
 
-ROW = "{:>9}  {:>9}  {:>9}  {:>9}  {:>9}  {:>10}  {:>10}  {:>9}"
+ROW = "{:>9}  {:>9}  {:>9}  {:>9}  {:>9}  {:>10}  {:>10}  {:>10}  {:>9}"
+HEADER = (ROW.format("context", "VmRSS", "RssAnon", "RssFile", "VmHWM", "cache", "store", "index", "tok/s") + "\n"
+          + ROW.format("", "MiB", "MiB", "MiB", "MiB", "", "", "", ""))
 
 
-def format_table(rows: list[ContextRow]) -> str:
+def format_row(r: ContextRow) -> str:
     mib = 2**20
-    lines = [ROW.format("context", "VmRSS", "RssAnon", "RssFile", "VmHWM", "cache", "store", "tok/s"),
-             ROW.format("", "MiB", "MiB", "MiB", "MiB", "", "", "")]
-    for r in rows:
-        lines.append(ROW.format(r.context, f"{r.vm_rss / mib:.0f}", f"{r.rss_anon / mib:.0f}",
-                                f"{r.rss_file / mib:.0f}", f"{r.vm_hwm / mib:.0f}", format_bytes(r.cache_bytes),
-                                format_bytes(r.store_bytes), f"{r.tokens_per_s:.0f}"))
-    return "\n".join(lines)
+    return ROW.format(r.context, f"{r.vm_rss / mib:.0f}", f"{r.rss_anon / mib:.0f}", f"{r.rss_file / mib:.0f}",
+                      f"{r.vm_hwm / mib:.0f}", format_bytes(r.cache_bytes), format_bytes(r.store_bytes),
+                      format_bytes(r.index_bytes), f"{r.tokens_per_s:.0f}")
 
 
 def run_context(args: argparse.Namespace) -> int:
@@ -169,8 +176,9 @@ def run_context(args: argparse.Namespace) -> int:
           f"r={config.storage_blocks} S={config.storage_block_size}, store "
           f"{'on disk in ' + args.storage_dir if args.storage_dir else 'in RAM'}, pieces of {piece} tokens",
           file=sys.stderr if args.json else sys.stdout)
-    rows = measure_context(model, lengths, piece, args.storage_dir, args.seed, progress=not args.no_progress)
-    print(format_table(rows))
+    print(HEADER, flush=True)
+    rows = measure_context(model, lengths, piece, args.storage_dir, args.seed, progress=not args.no_progress,
+                           on_row=lambda row: tqdm.write(format_row(row), file=sys.stdout))
     if args.json:
         document: dict[str, Any] = {
             "command": "bench context", **machine_info(torch.device("cpu")),

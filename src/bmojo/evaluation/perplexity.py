@@ -4,12 +4,12 @@ A token stream is cut into consecutive windows of ``context`` tokens; every toke
 window is predicted from the tokens before it *in that window*, so the perplexity at
 length ``L`` averages over positions ``0 .. L-1`` of windows of length ``L``. Windows are
 run in batches whose total size is bounded (``max_batch_tokens``), so memory stays bounded
-by the longest window, not by the stream. Past ``parallel_tokens`` positions a window is
-streamed through the decoding cache (DESIGN.md §6: the first ``parallel_tokens`` are a
-parallel prefill, every later token one recurrent step), so the activations of a long window
-never exist at once: memory is the cache's (fixed for every architecture but full attention),
-and the result is the parallel one up to floating-point rounding (the invariant that the
-parallel and recurrent paths agree).
+by the longest window, not by the stream. A window longer than ``parallel_tokens`` is read
+in pieces of ``parallel_tokens`` positions through the decoding cache (chunked prefill,
+DESIGN.md §7: each piece is one parallel forward that continues the cache the previous
+pieces left), so the activations of a long window never exist at once: memory is one
+piece's plus the cache's (fixed for every architecture but full attention), and the result
+is the parallel one up to floating-point rounding (invariant §8.3).
 """
 
 from __future__ import annotations
@@ -39,18 +39,18 @@ class PerplexityResult:
 
 
 def _window_nll(model: LanguageModel, windows: Tensor, parallel_tokens: int | None) -> Tensor:
-    """Summed next-token loss over ``windows [b, context + 1]``: the first ``parallel_tokens``
-    inputs in one forward, the rest one decoding step each (all of them in parallel if None)."""
+    """Summed next-token loss over ``windows [b, context + 1]``: in one forward, or (longer
+    than ``parallel_tokens``) in pieces of ``parallel_tokens`` inputs through the cache."""
     inputs, targets = windows[:, :-1], windows[:, 1:]  # [b, context] each
     if parallel_tokens is None or inputs.shape[1] <= parallel_tokens:
         logits = model(inputs).logits  # [b, context, V]
         return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="sum")
     cache = model.new_cache(inputs.shape[0], max_seq_len=inputs.shape[1])
-    logits = model(inputs[:, :parallel_tokens], cache).logits  # [b, parallel_tokens, V]
-    nll = F.cross_entropy(logits.float().flatten(0, 1), targets[:, :parallel_tokens].flatten(), reduction="sum")
-    for t in range(parallel_tokens, inputs.shape[1]):
-        step_logits = model.step(inputs[:, t], cache)  # [b, V]
-        nll = nll + F.cross_entropy(step_logits.float(), targets[:, t], reduction="sum")
+    nll = torch.zeros((), device=inputs.device)
+    for start in range(0, inputs.shape[1], parallel_tokens):
+        piece = slice(start, start + parallel_tokens)
+        logits = model(inputs[:, piece], cache).logits  # [b, parallel_tokens, V]
+        nll = nll + F.cross_entropy(logits.float().flatten(0, 1), targets[:, piece].flatten(), reduction="sum")
     return nll
 
 
@@ -61,7 +61,7 @@ def perplexity_at(model: LanguageModel, stream: Tensor | np.ndarray, context: in
     """Perplexity on ``stream [N]`` (token ids: a tensor, or an array such as the memory map
     of a token shard, read one batch of windows at a time) with windows of ``context + 1``
     tokens (the ``context`` inputs and their next tokens), at most ``max_tokens`` predicted.
-    Windows longer than ``parallel_tokens`` are streamed past it (module docstring)."""
+    Windows longer than ``parallel_tokens`` are read in pieces of it (module docstring)."""
     if context < 1:
         raise ValueError(f"context length must be >= 1, got {context}")
     if parallel_tokens is not None and parallel_tokens < 1:

@@ -1,8 +1,10 @@
 """The B'MOJO mixer (DESIGN.md §3–§5, §7): sliding-window attention whose keys also hold
 fading tokens (outputs of its own Mamba-2 mixer), an eidetic memory of past tokens
 selected by the innovation test and, with ``storage_blocks = r > 0``, the ``r`` blocks of
-older raw tokens best matching the previous chunk's queries, retrieved from a block store
-(:mod:`bmojo.ops.storage`). ``eidetic_capacity=0`` is B'MOJO-F (the `F` layer).
+stored entries best matching the previous chunk's queries, retrieved from a block store
+(:mod:`bmojo.ops.storage`): the entries that left the eidetic memory
+(``storage_source="evicted"``) or the raw tokens older than the window (``"raw"``).
+``eidetic_capacity=0`` is B'MOJO-F (the `F` layer).
 
 The parameters of the attention part have the same names as :class:`Attention`'s, so a
 sliding-window layer's weights load into it (DESIGN.md §8.4).
@@ -24,6 +26,8 @@ from bmojo.ops.attention import union_attention_chunked, union_attention_step
 from bmojo.ops.eidetic import (
     POLICIES,
     SELECTIONS,
+    eidetic_dropped_per_chunk,
+    eidetic_memory_dropped,
     eidetic_memory_per_chunk,
     eidetic_memory_update,
     empty_memory,
@@ -34,9 +38,13 @@ from bmojo.ops.eidetic import (
 from bmojo.ops.rope import apply_rope
 from bmojo.ops.storage import (
     OVERFLOW_POLICIES,
+    STORAGE_SOURCES,
     BlockStore,
-    block_positions,
     capacity_from_budget,
+    entry_positions,
+    evicted_block_count,
+    gather_positions,
+    raw_block_positions,
     retrieval_per_chunk,
     retrieve,
     stored_block_count,
@@ -62,21 +70,15 @@ class BMojoCache:
     cand_score: Tensor | None = None  # [B, C]: their selection scores
     # Long-term eidetic memory in storage (DESIGN.md §5); the store itself grows, the rest is fixed.
     store: BlockStore | None = None
-    pending: KVBuffer | None = None  # ring of the last W+F+S+C tokens' k, v (as stored), not yet all in the store
+    # Entries not yet in the store: "raw", a ring of the last W+F+S+C tokens' k, v (as stored), by
+    # position; "evicted", a ring of the last S+k dropped entries, by index in the stream of drops.
+    pending: KVBuffer | None = None
+    pending_pos: Tensor | None = None  # [B, S+k]: "evicted", the positions of those entries (-1: empty)
     chunk_q: Tensor | None = None  # [B, C, H, dh]: eidetic queries of the current chunk, slot = position mod C
     ret_block: Tensor | None = None  # [B, r]: blocks retrieved for the current chunk, -1 = empty
-    ret_pos: Tensor | None = None  # [B, r*S]: positions of their tokens, -1 = empty
+    ret_pos: Tensor | None = None  # [B, r*S]: positions of their entries, -1 = empty
     ret_k: Tensor | None = None  # [B, r*S, Hkv, dh]
     ret_v: Tensor | None = None  # [B, r*S, Hkv, dh]
-
-
-def gather_positions(t: Tensor, pos: Tensor) -> Tensor:
-    """``t [B, L, *rest]`` at ``pos [B, *idx]`` (``-1`` reads position 0, to be masked by the
-    caller) -> ``[B, *idx, *rest]``. Differentiable with respect to ``t``."""
-    b, rest = t.shape[0], t.shape[2:]
-    flat = pos.clamp(min=0).reshape(b, -1)  # [B, n]
-    index = flat.view(b, -1, *([1] * len(rest))).expand(b, flat.shape[1], *rest)
-    return t.gather(1, index).view(*pos.shape, *rest)
 
 
 class BMojoMixer(Attention):
@@ -113,6 +115,7 @@ class BMojoMixer(Attention):
         storage_block_size: int | None = None,
         storage_budget_bytes: int = 0,
         storage_overflow: str = "error",
+        storage_source: str = "raw",
     ):
         storage_block_size = chunk_size if storage_block_size is None else storage_block_size
         checks = [
@@ -131,6 +134,9 @@ class BMojoMixer(Attention):
             ("storage_block_size", storage_block_size >= 1, ">= 1"),
             ("storage_budget_bytes", storage_budget_bytes >= 0, ">= 0 (0: no budget)"),
             ("storage_overflow", storage_overflow in OVERFLOW_POLICIES, f"one of {OVERFLOW_POLICIES}"),
+            ("storage_source", storage_source in STORAGE_SOURCES, f"one of {STORAGE_SOURCES}"),
+            ("storage_source", storage_source != "evicted" or storage_blocks == 0 or eidetic_capacity > 0,
+             "'raw' in a layer without eidetic memory (eidetic_capacity=0): nothing is evicted"),
         ]
         for name, ok, allowed in checks:
             if not ok:
@@ -151,6 +157,7 @@ class BMojoMixer(Attention):
         self.storage_block_size = storage_block_size
         self.storage_budget_bytes = storage_budget_bytes
         self.storage_overflow = storage_overflow
+        self.storage_source = storage_source
         self.ssm = Mamba2Mixer(d_model, d_state=d_state, d_conv=d_conv, expand=expand, headdim=ssm_headdim,
                                ngroups=ssm_ngroups)
         kv_dim = n_kv_heads * self.head_dim
@@ -178,6 +185,8 @@ class BMojoMixer(Attention):
 
     def stored_blocks(self, n: int) -> int:
         """Blocks in the store at the boundary before query chunk ``n`` (DESIGN.md §5)."""
+        if self.storage_source == "evicted":
+            return evicted_block_count(n, self.eidetic_per_chunk, self.storage_block_size)
         return stored_block_count(n, self.window, self.fading_span, self.chunk_size, self.storage_block_size)
 
     def storage_capacity(self, dtype: torch.dtype) -> int | None:
@@ -198,7 +207,9 @@ class BMojoMixer(Attention):
     def _dedupe(self, mem_pos: Tensor, ret_block: Tensor) -> Tensor:
         """Eidetic slots ``mem_pos [..., M]`` whose token is also in a retrieved block
         ``ret_block [..., r]`` are hidden (position ``-1``): each past token enters the union
-        softmax at most once."""
+        softmax at most once. Only raw blocks can hold one: an evicted entry has left the memory."""
+        if self.storage_source == "evicted":
+            return mem_pos
         block = torch.where(mem_pos >= 0, mem_pos // self.storage_block_size, -2)
         duplicate = (block[..., :, None] == ret_block[..., None, :]).any(-1)
         return mem_pos.masked_fill(duplicate, -1)
@@ -285,21 +296,28 @@ class BMojoMixer(Attention):
         if self.has_memory or self.has_storage:
             k_eid, q_eid = self.eidetic_key(k, k_rot), self.eidetic_query(q, q_rot)  # as slots store / score them
         slots = []  # per query chunk: positions [B, nq, n] of the past tokens in the attention keys
-        if self.has_storage:
-            ret_block = retrieval_per_chunk(q_eid.detach(), k_eid.detach(), self.storage_blocks, W, Fs, C,
-                                            self.storage_block_size, self.storage_capacity(self.q_proj.weight.dtype),
-                                            self.storage_overflow)  # [B, L//C + 1, r]
-            slots.append(block_positions(ret_block[:, :nq], self.storage_block_size))  # [B, nq, r*S]
         if self.has_memory:
             f_prev = F.pad(f, (0, 0, 1, 0))[:, :L]  # f_{t-1}, zeros at t = 0
             score, aux = self._selection_scores(x, f_prev, torch.arange(L, device=x.device))
             sel_pos, sel_score = select_per_chunk(score, C, self.eidetic_per_chunk, self.innovation_threshold)
-            mem_pos, _ = eidetic_memory_per_chunk(sel_pos, sel_score, self.eidetic_capacity,
-                                                  self.eidetic_policy)  # [B, L//C + 1, M]
-            visible_pos = mem_pos[:, :nq]  # memory seen by each query chunk
-            if self.has_storage:
-                visible_pos = self._dedupe(visible_pos, ret_block[:, :nq])
-            slots.insert(0, visible_pos)
+            mem_pos, mem_score = eidetic_memory_per_chunk(sel_pos, sel_score, self.eidetic_capacity,
+                                                          self.eidetic_policy)  # [B, L//C + 1, M]
+            slots.append(mem_pos[:, :nq])  # memory seen by each query chunk
+        if self.has_storage:
+            if self.storage_source == "evicted":  # the stream of dropped entries, k per boundary
+                stream = eidetic_dropped_per_chunk(sel_pos, sel_score, mem_pos, mem_score)[0].flatten(1)
+                total = stream.shape[1] // self.storage_block_size
+                block_pos = stream[:, : total * self.storage_block_size].view(b, total, -1)  # [B, m, S]
+            else:
+                block_pos = raw_block_positions(self.stored_blocks(L // C), self.storage_block_size,
+                                                x.device).expand(b, -1, -1)  # [B, m, S]
+            counts = [self.stored_blocks(n) for n in range(1, L // C + 1)]
+            ret_block = retrieval_per_chunk(q_eid.detach(), k_eid.detach(), block_pos, counts, self.storage_blocks,
+                                            C, self.storage_capacity(self.q_proj.weight.dtype),
+                                            self.storage_overflow)[:, :nq]  # [B, nq, r]
+            if self.has_memory:
+                slots[0] = self._dedupe(slots[0], ret_block)
+            slots.append(entry_positions(block_pos, ret_block))  # [B, nq, r*S]
         if slots:
             slot_pos = torch.cat(slots, -1)  # [B, nq, M + r*S]
             memory = dict(mem_k=gather_positions(k_eid, slot_pos), mem_v=gather_positions(v, slot_pos),
@@ -328,16 +346,17 @@ class BMojoMixer(Attention):
         slot_pos, slot_k, slot_v = [], [], []  # per new query chunk: [B, nq, n] positions, [B, nq, n, Hkv, dh]
         if self.has_memory or self.has_storage:
             k_eid, q_eid = self.eidetic_key(k, k_rot), self.eidetic_query(q, q_rot)
+        dropped = None
         if self.has_memory:
-            mem_pos, mem_k, mem_v, aux = self._memory_continued(cache, x, f, k_eid, v, start)
+            mem_pos, mem_k, mem_v, dropped, aux = self._memory_continued(cache, x, f, k_eid, v, start)
             slot_pos.append(mem_pos)
             slot_k.append(mem_k)
             slot_v.append(mem_v)
         if self.has_storage:
-            ret_block, ret_k, ret_v = self._storage_continued(cache, q_eid, k_eid, v, start)
+            ret_block, ret_pos, ret_k, ret_v = self._storage_continued(cache, q_eid, k_eid, v, start, dropped)
             if self.has_memory:
                 slot_pos[0] = self._dedupe(slot_pos[0], ret_block)
-            slot_pos.append(block_positions(ret_block, self.storage_block_size))
+            slot_pos.append(ret_pos)
             slot_k.append(ret_k.to(k.dtype))
             slot_v.append(ret_v.to(v.dtype))
 
@@ -383,15 +402,19 @@ class BMojoMixer(Attention):
             cache.cand_score.fill_(float("-inf"))
         if self.has_storage:
             cache.pending.clear()
+            if cache.pending_pos is not None:
+                cache.pending_pos.fill_(-1)
             cache.ret_block.fill_(-1)
             cache.ret_pos.fill_(-1)
 
     def _memory_continued(self, cache: BMojoCache, x: Tensor, f: Tensor, k_eid: Tensor, v: Tensor,
-                          start: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+                          start: int) -> tuple[Tensor, Tensor, Tensor, tuple[Tensor, Tensor, Tensor], Tensor]:
         """The eidetic memory each query chunk of positions ``start .. start+L-1`` sees, continued
         from the cached slots and the candidates of the open chunk (positions ``start//C·C ..
-        start-1``): ``(pos [B, nq, M], k, v [B, nq, M, Hkv, dh], aux_loss)``. Leaves in the cache
-        the memory after the last complete chunk and the candidates of the chunk still open."""
+        start-1``): ``(pos [B, nq, M], k, v [B, nq, M, Hkv, dh], dropped, aux_loss)``, ``dropped``
+        the entries each completed chunk's update drops (``pos [B, nc, k]``, ``k, v [B, nc, k,
+        Hkv, dh]``). Leaves in the cache the memory after the last complete chunk and the
+        candidates of the chunk still open."""
         L, C, M = x.shape[1], self.chunk_size, self.eidetic_capacity
         chunk_start = start // C * C
         n_open = start - chunk_start
@@ -405,11 +428,19 @@ class BMojoMixer(Attention):
         sel_pos = torch.where(sel_pos >= 0, sel_pos + chunk_start, -1)
         mem_pos, mem_score = eidetic_memory_per_chunk(sel_pos, sel_score, M, self.eidetic_policy,
                                                       initial=(cache.mem_pos, cache.mem_score))  # [B, nc+1, M]
-        # A slot's token is a cached slot (positions before chunk_start) or one of the tokens above.
-        cached_slot = (mem_pos[..., None] == cache.mem_pos[:, None, None, :]).int().argmax(-1)  # [B, nc+1, M]
-        index = torch.where(mem_pos >= chunk_start, M + mem_pos - chunk_start, cached_slot)
-        mem_k = gather_positions(torch.cat([cache.mem_k.to(k_eid.dtype), token_k], 1), index)
-        mem_v = gather_positions(torch.cat([cache.mem_v.to(v.dtype), token_v], 1), index)
+        source_k = torch.cat([cache.mem_k.to(k_eid.dtype), token_k], 1)  # [B, M + n_open + L, Hkv, dh]
+        source_v = torch.cat([cache.mem_v.to(v.dtype), token_v], 1)
+
+        def entries(pos: Tensor) -> tuple[Tensor, Tensor]:
+            """Keys and values of entries at ``pos``: a cached slot (positions before chunk_start)
+            or one of the tokens above."""
+            cached_slot = (pos[..., None] == cache.mem_pos[:, None, None, :]).int().argmax(-1)
+            index = torch.where(pos >= chunk_start, M + pos - chunk_start, cached_slot)
+            return gather_positions(source_k, index), gather_positions(source_v, index)
+
+        mem_k, mem_v = entries(mem_pos)
+        drop_pos, _ = eidetic_dropped_per_chunk(sel_pos, sel_score, mem_pos, mem_score)  # [B, nc, k]
+        dropped = (drop_pos, *entries(drop_pos))
         cache.mem_pos, cache.mem_score = mem_pos[:, -1].clone(), mem_score[:, -1].clone()
         cache.mem_k = mem_k[:, -1].detach().to(cache.cand_k.dtype)
         cache.mem_v = mem_v[:, -1].detach().to(cache.cand_v.dtype)
@@ -419,40 +450,55 @@ class BMojoMixer(Attention):
         cache.cand_k[:, :n_tail] = token_k[:, token_k.shape[1] - n_tail:].detach()
         cache.cand_v[:, :n_tail] = token_v[:, token_v.shape[1] - n_tail:].detach()
         nq = math.ceil((start + L) / C) - start // C
-        return mem_pos[:, :nq], mem_k[:, :nq], mem_v[:, :nq], aux
+        return mem_pos[:, :nq], mem_k[:, :nq], mem_v[:, :nq], dropped, aux
 
-    def _storage_continued(self, cache: BMojoCache, q_eid: Tensor, k_eid: Tensor, v: Tensor,
-                           start: int) -> tuple[Tensor, Tensor, Tensor]:
+    def _storage_continued(self, cache: BMojoCache, q_eid: Tensor, k_eid: Tensor, v: Tensor, start: int,
+                           dropped: tuple[Tensor, Tensor, Tensor] | None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """The blocks each query chunk of positions ``start .. start+L-1`` retrieves,
-        ``(ids [B, nq, r], k, v [B, nq, r·S, Hkv, dh])``: the cached retrieval for the open chunk,
-        then the decoder's boundary work (:meth:`_storage_boundary`) at every boundary the
-        tokens cross, writes and reads in order, so that a budget evicts as in decoding."""
+        ``(ids [B, nq, r], pos [B, nq, r·S], k, v [B, nq, r·S, Hkv, dh])``: the cached retrieval
+        for the open chunk, then the decoder's boundary work (the entries the chunk's memory
+        update dropped, then :meth:`_storage_boundary`) at every boundary the tokens cross,
+        writes and reads in order, so that a budget evicts as in decoding."""
         L, C = q_eid.shape[1], self.chunk_size
-        blocks, keys, values = [cache.ret_block], [cache.ret_k], [cache.ret_v]
+        dtype = cache.chunk_q.dtype
+        found = [(cache.ret_block, cache.ret_pos, cache.ret_k.to(dtype), cache.ret_v.to(dtype))]
         t = start
         while t < start + L:
             end = min((t // C + 1) * C, start + L)  # the end of t's chunk, or of the tokens
             new = slice(t - start, end - start)
-            cache.pending.write(k_eid[:, new], v[:, new], t)
-            cache.chunk_q[:, t % C: t % C + end - t] = q_eid[:, new].detach().to(cache.chunk_q.dtype)
+            if self.storage_source == "raw":
+                cache.pending.write(k_eid[:, new], v[:, new], t)
+            cache.chunk_q[:, t % C: t % C + end - t] = q_eid[:, new].detach().to(dtype)
             if end % C == 0:
-                self._storage_boundary(cache, end // C)
+                n = end // C
+                if self.storage_source == "evicted":
+                    chunk = n - 1 - start // C  # its index among the chunks the memory update saw
+                    self._push_dropped(cache, n, *(t[:, chunk] for t in dropped))
+                self._storage_boundary(cache, n)
                 if end < start + L:  # the next chunk has queries here
-                    blocks.append(cache.ret_block)
-                    keys.append(cache.ret_k.to(cache.chunk_q.dtype))
-                    values.append(cache.ret_v.to(cache.chunk_q.dtype))
+                    found.append((cache.ret_block, cache.ret_pos, cache.ret_k.to(dtype), cache.ret_v.to(dtype)))
             t = end
-        return torch.stack(blocks, 1), torch.stack(keys, 1), torch.stack(values, 1)
+        return tuple(torch.stack(parts, 1) for parts in zip(*found, strict=True))
+
+    def _push_dropped(self, cache: BMojoCache, n: int, pos: Tensor, k: Tensor, v: Tensor) -> None:
+        """``"evicted"``: the ``k`` entries (``pos [B, k]``, ``k, v [B, k, Hkv, dh]``) the update at
+        the boundary before chunk ``n`` dropped: indices ``(n-1)·k .. n·k - 1`` of the stream."""
+        first = (n - 1) * self.eidetic_per_chunk
+        cache.pending.write(k, v, first)
+        slots = torch.arange(first, first + pos.shape[1], device=pos.device) % cache.pending_pos.shape[1]
+        cache.pending_pos[:, slots] = pos
 
     def _storage_boundary(self, cache: BMojoCache, n: int) -> None:
-        """At the boundary before query chunk ``n``: write the blocks that became old enough,
+        """At the boundary before query chunk ``n``: write the blocks that became complete,
         then retrieve the ``r`` best for chunk ``n`` with the queries of chunk ``n - 1``."""
         S, ring = self.storage_block_size, cache.pending
         for block in range(cache.store.written, self.stored_blocks(n)):
-            slots = torch.arange(block * S, (block + 1) * S, device=ring.pos.device) % ring.pos.shape[0]
-            cache.store.append(block, ring.k[:, slots], ring.v[:, slots])
-        cache.ret_block, cache.ret_k, cache.ret_v = retrieve(cache.store, cache.chunk_q, self.storage_blocks)
-        cache.ret_pos = block_positions(cache.ret_block, S)
+            index = torch.arange(block * S, (block + 1) * S, device=ring.pos.device)  # positions, or stream indices
+            slots = index % ring.pos.shape[0]
+            pos = cache.pending_pos[:, slots] if self.storage_source == "evicted" else index[None]
+            cache.store.append(block, ring.k[:, slots], ring.v[:, slots], pos)
+        cache.ret_block, cache.ret_k, cache.ret_v, cache.ret_pos = retrieve(cache.store, cache.chunk_q,
+                                                                            self.storage_blocks)
 
     def step(self, x: Tensor, cache: BMojoCache, position: int) -> Tensor:
         """One token ``x [B, D]`` at absolute ``position`` -> ``[B, D]``, cost
@@ -496,7 +542,8 @@ class BMojoMixer(Attention):
             score, _ = self._selection_scores(x[:, None], cache.prev_f[:, None], positions)
             self._add_candidate(cache, k_eid[:, 0].detach(), v[:, 0].detach(), score[:, 0], t)
         if self.has_storage:
-            cache.pending.write(k_eid, v, t)
+            if self.storage_source == "raw":
+                cache.pending.write(k_eid, v, t)
             cache.chunk_q[:, t % self.chunk_size] = q_eid.detach().to(cache.chunk_q.dtype)
             if (t + 1) % self.chunk_size == 0:
                 self._storage_boundary(cache, (t + 1) // self.chunk_size)
@@ -520,11 +567,16 @@ class BMojoMixer(Attention):
         sel_idx, sel_score = sel_idx[:, 0], sel_score[:, 0]
         sel_pos = torch.where(sel_idx >= 0, sel_idx + chunk_start, -1)
         idx = eidetic_memory_update(cache.mem_pos, cache.mem_score, sel_pos, sel_score, self.eidetic_policy)
-        cache.mem_k = torch.cat([cache.mem_k, gather_positions(cache.cand_k, sel_idx)], 1)
-        cache.mem_v = torch.cat([cache.mem_v, gather_positions(cache.cand_v, sel_idx)], 1)
-        cache.mem_k, cache.mem_v = gather_positions(cache.mem_k, idx), gather_positions(cache.mem_v, idx)
-        cache.mem_pos = torch.cat([cache.mem_pos, sel_pos], 1).gather(1, idx)
-        cache.mem_score = torch.cat([cache.mem_score, sel_score], 1).gather(1, idx)
+        all_k = torch.cat([cache.mem_k, gather_positions(cache.cand_k, sel_idx)], 1)  # [B, M + k, Hkv, dh]
+        all_v = torch.cat([cache.mem_v, gather_positions(cache.cand_v, sel_idx)], 1)
+        all_pos = torch.cat([cache.mem_pos, sel_pos], 1)
+        all_score = torch.cat([cache.mem_score, sel_score], 1)
+        if self.has_storage and self.storage_source == "evicted":
+            drop = eidetic_memory_dropped(all_pos, all_score, idx, self.eidetic_per_chunk)  # [B, k]
+            self._push_dropped(cache, (t + 1) // C, all_pos.gather(1, drop), gather_positions(all_k, drop),
+                               gather_positions(all_v, drop))
+        cache.mem_k, cache.mem_v = gather_positions(all_k, idx), gather_positions(all_v, idx)
+        cache.mem_pos, cache.mem_score = all_pos.gather(1, idx), all_score.gather(1, idx)
         cache.cand_score.fill_(float("-inf"))
 
     def new_cache(self, batch_size: int, max_seq_len: int = 0, device=None, dtype=None,
@@ -550,8 +602,12 @@ class BMojoMixer(Attention):
         if self.has_storage:
             r, S = self.storage_blocks, self.storage_block_size
             cache.store = store if store is not None else self.new_store(batch_size, dtype)
-            cache.pending = KVBuffer.empty(batch_size, self.window + self.fading_span + S + C, hkv, dh, False,
-                                           device, dtype)
+            if self.storage_source == "evicted":
+                pending = S + self.eidetic_per_chunk
+                cache.pending_pos = torch.full((batch_size, pending), -1, dtype=torch.long, device=device)
+            else:
+                pending = self.window + self.fading_span + S + C
+            cache.pending = KVBuffer.empty(batch_size, pending, hkv, dh, False, device, dtype)
             cache.chunk_q = torch.zeros(batch_size, C, self.n_heads, dh, device=device, dtype=dtype)
             cache.ret_block = torch.full((batch_size, r), -1, dtype=torch.long, device=device)
             cache.ret_pos = torch.full((batch_size, r * S), -1, dtype=torch.long, device=device)

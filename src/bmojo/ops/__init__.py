@@ -7,6 +7,8 @@ from bmojo.ops.attention import (
     union_attention_step,
 )
 from bmojo.ops.eidetic import (
+    eidetic_dropped_per_chunk,
+    eidetic_memory_dropped,
     eidetic_memory_per_chunk,
     eidetic_memory_sequential,
     eidetic_memory_update,
@@ -22,6 +24,8 @@ from bmojo.ops.ssd import ssd_chunked, ssd_sequential, ssd_step
 __all__ = [
     "apply_rope",
     "attention_continued",
+    "eidetic_dropped_per_chunk",
+    "eidetic_memory_dropped",
     "eidetic_memory_per_chunk",
     "eidetic_memory_sequential",
     "eidetic_memory_update",

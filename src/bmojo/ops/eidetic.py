@@ -109,6 +109,30 @@ def eidetic_memory_update(
     raise ValueError(f"eidetic policy must be one of {POLICIES}, got {policy!r}")
 
 
+def eidetic_memory_dropped(all_pos: Tensor, all_score: Tensor, keep: Tensor, k: int) -> Tensor:
+    """The ``k`` entries one chunk's update drops (DESIGN.md §5: what leaves the memory for the
+    store): ``all_* [b, M + k]`` the concatenation ``[mem ; new]``, ``keep [b, M]`` the index
+    :func:`eidetic_memory_update` returned -> index ``[b, k]`` into it of the entries not kept,
+    ranked (score descending, then position; empty entries last)."""
+    kept = torch.zeros_like(all_pos, dtype=torch.bool).scatter_(1, keep, True)
+    # Kept entries rank below every dropped one, empty ones included (position -1 < int64 max).
+    last = torch.iinfo(all_pos.dtype).max
+    return rank_order(all_score.masked_fill(kept, float("-inf")), all_pos.masked_fill(kept, last))[:, :k]
+
+
+def eidetic_dropped_per_chunk(sel_pos: Tensor, sel_score: Tensor, mem_pos: Tensor, mem_score: Tensor
+                              ) -> tuple[Tensor, Tensor]:
+    """Parallel form of :func:`eidetic_memory_dropped` at every boundary: ``sel_* [b, nc, k]`` and
+    the memory ``mem_* [b, nc + 1, M]`` each chunk sees -> ``(pos, score) [b, nc, k]``, entry ``c``
+    the entries dropped when chunk ``c`` completes, ranked, empty ones as ``(-1, -inf)``."""
+    union_pos = torch.cat([mem_pos[:, :-1], sel_pos], -1)  # [b, nc, M + k]
+    union_score = torch.cat([mem_score[:, :-1], sel_score], -1)
+    kept = (union_pos[..., None] == mem_pos[:, 1:, None, :]).any(-1) | (union_pos < 0)  # [b, nc, M + k]
+    pos, score = union_pos.masked_fill(kept, -1), union_score.masked_fill(kept, float("-inf"))
+    order = rank_order(score, pos)[..., : sel_pos.shape[-1]]
+    return pos.gather(-1, order), score.gather(-1, order)
+
+
 def empty_memory(batch: int, capacity: int, device: torch.device | None = None) -> tuple[Tensor, Tensor]:
     """``(pos [b, M] = -1, score [b, M] = -inf)``."""
     return (

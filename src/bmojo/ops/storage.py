@@ -1,15 +1,24 @@
 """Long-term eidetic memory in storage (DESIGN.md §5): block retrieval and the block store.
 
-**What is stored.** The raw keys/values older than the window, cut into position-aligned
-blocks of ``S`` tokens: block ``b`` holds positions ``[b·S, (b+1)·S)``, keys in the eidetic
-memory's representation (unrotated for ``eidetic_rope="none"``). Its **summary** is the mean
-key of the block (per key head).
+**What is stored** (``storage_source``), in blocks of ``S`` entries, keys in the eidetic
+memory's representation (unrotated for ``eidetic_rope="none"``), each entry with its position:
 
-**When.** Writes and reads happen at chunk boundaries only (asynchronous update). At the
-boundary before query chunk ``n`` (position ``n·C``) the store holds every block whose
-positions are all ``<= n·C - W - F`` (:func:`stored_block_count`), so a retrieved key never
-duplicates a raw-window key or a fading token's range, and is visible to every query ``i``
-of the chunk (``t <= i - W``).
+- ``"raw"``: the raw tokens older than the window, position-aligned: block ``b`` holds
+  positions ``[b·S, (b+1)·S)``. At the boundary before query chunk ``n`` (position ``n·C``) the
+  store holds every block whose positions are all ``<= n·C - W - F``
+  (:func:`stored_block_count`), so a retrieved key never duplicates a raw-window key or a
+  fading token's range, and is visible to every query ``i`` of the chunk (``t <= i - W``).
+- ``"evicted"``: the entries that leave the eidetic memory. The update at the end of every
+  chunk drops exactly ``k`` entries of ``[memory ; the chunk's selections]`` (ranked; empty
+  ones, position ``-1``, included so that every sequence of a batch drops as many); they
+  form one stream, ``k`` per boundary, cut into blocks of ``S``: at the boundary before chunk
+  ``n`` the store holds ``n·k // S`` blocks (:func:`evicted_block_count`). An entry is
+  visible to query ``i`` when its position is ``<= i - W``, as in the eidetic memory.
+
+A block's **summary** is the mean key of its non-empty entries (per key head); a block
+without one is never retrieved.
+
+**When.** Writes and reads happen at chunk boundaries only (asynchronous update).
 
 **Which blocks.** Chunk ``n`` retrieves the ``r`` stored blocks with the highest score
 ``max over the C queries of chunk n-1 and over the query heads of q_mem·summary`` (the
@@ -40,6 +49,7 @@ from torch import Tensor
 from bmojo.ops.eidetic import top_ranked
 
 OVERFLOW_POLICIES = ("error", "evict")
+STORAGE_SOURCES = ("raw", "evicted")
 
 
 class StorageBudgetExceeded(ValueError):
@@ -52,9 +62,36 @@ def stored_block_count(n: int, window: int, fading_span: int, chunk_size: int, b
     return max(0, (n * chunk_size - window - fading_span + 1) // block_size)
 
 
+def evicted_block_count(n: int, per_chunk: int, block_size: int) -> int:
+    """Blocks of evicted entries in the store at the boundary before query chunk ``n``: the
+    ``n·k`` entries dropped so far, in blocks of ``S``."""
+    return n * per_chunk // block_size
+
+
 def block_bytes(block_size: int, kv_heads: int, head_dim: int, itemsize: int) -> int:
-    """Bytes one block takes per sequence: keys, values and the summary."""
-    return (2 * block_size + 1) * kv_heads * head_dim * itemsize
+    """Bytes one block takes per sequence: keys, values, the summary and the positions."""
+    return (2 * block_size + 1) * kv_heads * head_dim * itemsize + 8 * block_size
+
+
+def block_summary(k: Tensor, pos: Tensor) -> Tensor:
+    """Mean key of the non-empty entries of each block, float32 (zeros for an empty block):
+    ``k [..., S, Hkv, dh]``, ``pos [..., S]`` -> ``[..., Hkv, dh]``."""
+    valid = (pos >= 0).to(torch.float32)[..., None, None]  # [..., S, 1, 1]
+    return (k.float() * valid).sum(-3) / valid.sum(-3).clamp(min=1)
+
+
+def gather_positions(t: Tensor, pos: Tensor) -> Tensor:
+    """``t [B, L, *rest]`` at ``pos [B, *idx]`` (``-1`` reads position 0, to be masked by the
+    caller) -> ``[B, *idx, *rest]``. Differentiable with respect to ``t``."""
+    b, rest = t.shape[0], t.shape[2:]
+    flat = pos.clamp(min=0).reshape(b, -1)  # [B, n]
+    index = flat.view(b, -1, *([1] * len(rest))).expand(b, flat.shape[1], *rest)
+    return t.gather(1, index).view(*pos.shape, *rest)
+
+
+def raw_block_positions(count: int, block_size: int, device=None) -> Tensor:
+    """Positions of the tokens of raw blocks ``0 .. count-1``: ``[count, S]``."""
+    return torch.arange(count * block_size, device=device).view(count, block_size)
 
 
 def capacity_from_budget(budget_bytes: int, block_size: int, kv_heads: int, head_dim: int,
@@ -98,39 +135,41 @@ def select_blocks(scores: Tensor, block_ids: Tensor, r: int) -> tuple[Tensor, Te
     return index, ids
 
 
-def block_positions(block_ids: Tensor, block_size: int) -> Tensor:
-    """Positions of the tokens of blocks ``[..., r]`` -> ``[..., r·S]`` (``-1`` for an empty block)."""
-    offsets = torch.arange(block_size, device=block_ids.device)
-    pos = block_ids[..., None] * block_size + offsets  # [..., r, S]
+def entry_positions(block_pos: Tensor, block_ids: Tensor) -> Tensor:
+    """Positions of the entries of blocks ``block_ids [B, ..., r]`` (``-1``: no block), from
+    every block's positions ``block_pos [B, m, S]`` -> ``[B, ..., r·S]`` (``-1`` where empty)."""
+    pos = gather_positions(block_pos, block_ids)  # [B, ..., r, S]
     return pos.masked_fill(block_ids[..., None] < 0, -1).flatten(-2)
 
 
-def retrieval_per_chunk(q_mem: Tensor, k_mem: Tensor, r: int, window: int, fading_span: int, chunk_size: int,
-                        block_size: int, max_blocks: int | None, overflow: str) -> Tensor:
+def retrieval_per_chunk(q_mem: Tensor, k_mem: Tensor, block_pos: Tensor, counts: list[int], r: int,
+                        chunk_size: int, max_blocks: int | None, overflow: str) -> Tensor:
     """Parallel path: the blocks each query chunk ``n = 0 .. L//C`` retrieves, ``[B, L//C + 1, r]``.
 
-    ``q_mem [B, L, H, dh]`` (eidetic queries), ``k_mem [B, L, Hkv, dh]`` (keys as stored). Entry
-    ``n`` is what chunk ``n`` sees (the last entry is for the chunk after a sequence that ends
-    on a chunk boundary, which a prefilled cache needs). Same result as a decoder applying
+    ``q_mem [B, L, H, dh]`` (eidetic queries), ``k_mem [B, L, Hkv, dh]`` (keys as stored),
+    ``block_pos [B, m, S]`` the positions of the entries of every block the sequence writes
+    (``-1``: empty entry), ``counts[n - 1]`` the blocks in the store at the boundary before
+    chunk ``n``. Entry ``n`` is what chunk ``n`` sees (the last entry is for the chunk after a
+    sequence that ends on a chunk boundary). Same result as a decoder applying
     :func:`select_blocks` to its :class:`BlockStore` at every boundary.
     """
     b, length = q_mem.shape[:2]
-    C, S = chunk_size, block_size
+    C = chunk_size
     nc = length // C
     blocks = torch.full((b, nc + 1, r), -1, dtype=torch.long, device=q_mem.device)
-    counts = [stored_block_count(n, window, fading_span, C, S) for n in range(1, nc + 1)]
     total = counts[-1] if counts else 0
     if max_blocks is not None and overflow == "error" and total > max_blocks:
         raise StorageBudgetExceeded(f"{length} tokens write {total} blocks to the store of a layer, more than its "
                                     f"budget of {max_blocks} blocks (storage_overflow='error')")
     if total == 0:
         return blocks
-    summary = k_mem[:, : total * S].float().unflatten(1, (total, S)).mean(2)  # [B, m, Hkv, dh]
+    block_pos = block_pos[:, :total]  # [B, m, S]
+    summary = block_summary(gather_positions(k_mem, block_pos), block_pos)  # [B, m, Hkv, dh]
     queries = q_mem[:, : nc * C].unflatten(1, (nc, C))  # [B, nc, C, H, dh]: chunk c = n - 1
     scores = block_match_scores(queries, summary)  # [B, nc, m]
     ids = torch.arange(total, device=q_mem.device)
     count = torch.tensor(counts, device=q_mem.device)[:, None]  # [nc, 1]
-    available = ids < count
+    available = (ids < count)[None] & (block_pos >= 0).any(-1)[:, None, :]  # [B, nc, m]
     if max_blocks is not None:
         available &= ids >= count - max_blocks  # "evict": the oldest are gone
     scores = scores.masked_fill(~available, float("-inf"))
@@ -139,7 +178,7 @@ def retrieval_per_chunk(q_mem: Tensor, k_mem: Tensor, r: int, window: int, fadin
 
 
 _MAGIC = b"BMOJOSTO"
-_VERSION = 1
+_VERSION = 2  # 2: every record holds its entries' positions
 _HEADER = struct.Struct("<8sIIIIIIQQQ")  # magic, version, dtype, batch, S, Hkv, dh, capacity, count, written
 _HEADER_BYTES = 64
 _PREFIX_BYTES = 16  # per record: block id (int64), crc32 of the payload (int64)
@@ -153,7 +192,11 @@ class BlockStore:
 
     Slots form a ring of ``max_blocks`` slots when a budget is set (slot = write index mod
     ``max_blocks``), else grow by doubling. Every record is ``[block id (int64) | crc32
-    (int64) | summary [B, Hkv, dh] | k [B, S, Hkv, dh] | v [B, S, Hkv, dh]]`` in ``dtype``.
+    (int64) | positions [B, S] (int64) | summary [B, Hkv, dh] | k [B, S, Hkv, dh] | v [B, S,
+    Hkv, dh]]``, the last three in ``dtype``; an empty entry has position ``-1`` and zero
+    key and value. The block index, what retrieval scans at every boundary, is also kept in
+    RAM, contiguous: the summaries (``1 / 2S`` of the bytes of the keys and values) and which
+    blocks hold an entry of each sequence; :meth:`open` rebuilds it from the records.
 
     In RAM (``path=None``) the records live in one CPU tensor. On disk they live in a
     memory-mapped file: a 64-byte header (magic ``BMOJOSTO``, version, dtype, ``B``, ``S``,
@@ -175,14 +218,18 @@ class BlockStore:
         self.dtype, self.max_blocks, self.overflow = dtype, max_blocks, overflow
         self.path = None if path is None else Path(path)
         self.itemsize = torch.empty((), dtype=dtype).element_size()
+        self.pos_bytes = batch * block_size * 8
         self.summary_bytes = batch * kv_heads * head_dim * self.itemsize
         self.kv_bytes = batch * block_size * kv_heads * head_dim * self.itemsize
-        self.payload_bytes = self.summary_bytes + 2 * self.kv_bytes
+        self.payload_bytes = self.pos_bytes + self.summary_bytes + 2 * self.kv_bytes
         self.record_bytes = -(-(_PREFIX_BYTES + self.payload_bytes) // 8) * 8  # 8-byte aligned records
         self.count = 0  # valid slots
         self.written = 0  # blocks appended so far, evicted ones included
         self._mmap = None
         self._records = torch.zeros(0, self.record_bytes, dtype=torch.uint8)
+        # The block index, in RAM: [slots, B, Hkv, dh] summaries and [slots, B] non-empty flags.
+        self._index_summaries = torch.zeros(0, batch, kv_heads, head_dim, dtype=dtype)
+        self._has_entries = torch.zeros(0, batch, dtype=torch.bool)
         if self.path is not None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             with open(self.path, "wb") as f:
@@ -242,6 +289,11 @@ class BlockStore:
             if int(prefix[1]) != zlib.crc32(store._records[slot, _PREFIX_BYTES:][: store.payload_bytes].numpy()):
                 raise ValueError(f"block store {path} is corrupted: record {slot} (block {int(prefix[0])}) fails "
                                  f"its checksum")
+        store._has_entries = torch.zeros(slots, batch, dtype=torch.bool)
+        store._has_entries[:count] = (store.positions() >= 0).any(-1)
+        store._index_summaries = torch.zeros(slots, batch, kv_heads, head_dim, dtype=dtype)
+        store._index_summaries[:count] = store._payload(store.pos_bytes, store.summary_bytes, dtype, batch, kv_heads,
+                                                        head_dim)[:count]
         return store
 
     # ------------------------------------------------------------------ contents
@@ -254,31 +306,47 @@ class BlockStore:
         """Bytes of the records (RAM or file), header excluded."""
         return self.slots * self.record_bytes
 
-    def _payload(self, offset: int, nbytes: int, *shape: int) -> Tensor:
+    def index_nbytes(self) -> int:
+        """Bytes of the block index kept in RAM (summaries and flags), whatever the records' place."""
+        return sum(t.numel() * t.element_size() for t in (self._index_summaries, self._has_entries))
+
+    def _payload(self, offset: int, nbytes: int, dtype: torch.dtype, *shape: int) -> Tensor:
         """A typed view ``[slots, *shape]`` of one field of every record."""
         raw = self._records[:, _PREFIX_BYTES + offset: _PREFIX_BYTES + offset + nbytes]
-        return raw.view(self.dtype).view(self.slots, *shape)
+        return raw.view(dtype).view(self.slots, *shape)
 
     def block_ids(self) -> Tensor:
         """``[count]``: the block id of every valid slot."""
         return self._records[: self.count, :8].view(torch.int64)[:, 0].clone()
 
-    def summaries(self) -> Tensor:
-        """``[count, B, Hkv, dh]``: the summary (mean key) of every valid slot."""
-        return self._payload(0, self.summary_bytes, self.batch, self.kv_heads, self.head_dim)[: self.count]
+    def positions(self) -> Tensor:
+        """``[count, B, S]``: the positions of the entries of every valid slot (``-1``: empty)."""
+        return self._payload(0, self.pos_bytes, torch.int64, self.batch, self.block_size)[: self.count]
 
-    def fetch(self, index: Tensor) -> tuple[Tensor, Tensor]:
-        """Keys and values of slots ``index [B, r]`` (row ``b`` reads its own sequence; ``-1``
-        reads slot 0, to be masked by the caller) -> ``k, v [B, r, S, Hkv, dh]``."""
+    def summaries(self) -> Tensor:
+        """``[count, B, Hkv, dh]``: the summary (mean key) of every valid slot (the RAM index)."""
+        return self._index_summaries[: self.count]
+
+    def has_entries(self) -> Tensor:
+        """``[count, B]``: whether a slot holds a non-empty entry of sequence ``b``."""
+        return self._has_entries[: self.count]
+
+    def fetch(self, index: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Keys, values and positions of slots ``index [B, r]`` (row ``b`` reads its own
+        sequence; ``-1`` reads slot 0, to be masked by the caller) -> ``k, v [B, r, S, Hkv, dh]``,
+        ``pos [B, r, S]``."""
         shape = (self.batch, self.block_size, self.kv_heads, self.head_dim)
         rows = torch.arange(self.batch)[:, None]
         index = index.cpu().clamp(min=0)
-        k = self._payload(self.summary_bytes, self.kv_bytes, *shape)[index, rows]
-        v = self._payload(self.summary_bytes + self.kv_bytes, self.kv_bytes, *shape)[index, rows]
-        return k, v
+        offset = self.pos_bytes + self.summary_bytes
+        k = self._payload(offset, self.kv_bytes, self.dtype, *shape)[index, rows]
+        v = self._payload(offset + self.kv_bytes, self.kv_bytes, self.dtype, *shape)[index, rows]
+        pos = self._payload(0, self.pos_bytes, torch.int64, self.batch, self.block_size)[index, rows]
+        return k, v, pos
 
-    def append(self, block_id: int, k: Tensor, v: Tensor) -> None:
-        """Write one block ``k, v [B, S, Hkv, dh]`` (detached, cast to the store's dtype)."""
+    def append(self, block_id: int, k: Tensor, v: Tensor, pos: Tensor) -> None:
+        """Write one block ``k, v [B, S, Hkv, dh]`` with the positions of its entries
+        ``pos [B, S]`` (detached, cast to the store's dtype; empty entries, ``-1``, stored as zeros)."""
         if self.max_blocks is not None and self.written >= self.max_blocks and self.overflow == "error":
             raise StorageBudgetExceeded(
                 f"the block store{'' if self.path is None else ' ' + str(self.path)} is full: {self.max_blocks} "
@@ -288,24 +356,32 @@ class BlockStore:
         if slot >= self.slots:
             grown = max(_INITIAL_SLOTS, 2 * self.slots)
             self._grow(min(grown, self.max_blocks) if self.max_blocks is not None else grown)
-        k, v = k.detach().cpu().to(self.dtype), v.detach().cpu().to(self.dtype)
-        summary = k.float().mean(1).to(self.dtype)  # [B, Hkv, dh]
-        payload = torch.cat([t.contiguous().view(torch.uint8).flatten() for t in (summary, k, v)])
+        pos = pos.detach().cpu().long().expand(self.batch, self.block_size)
+        empty = (pos < 0)[..., None, None]
+        k = k.detach().cpu().to(self.dtype).masked_fill(empty, 0)
+        v = v.detach().cpu().to(self.dtype).masked_fill(empty, 0)
+        summary = block_summary(k, pos).to(self.dtype)  # [B, Hkv, dh]
+        payload = torch.cat([t.contiguous().view(torch.uint8).flatten() for t in (pos, summary, k, v)])
         record = self._records[slot]
         record[_PREFIX_BYTES: _PREFIX_BYTES + self.payload_bytes] = payload
         crc = zlib.crc32(payload.numpy()) if self.path is not None else 0
         record[:_PREFIX_BYTES].view(torch.int64).copy_(torch.tensor([block_id, crc]))
+        self._has_entries[slot] = (pos >= 0).any(-1)
+        self._index_summaries[slot] = summary
         self.written += 1
         self.count = min(self.written, self.max_blocks or self.written)
         if self._mmap is not None:
             self._write_header()
 
     def _grow(self, slots: int) -> None:
+        extra = slots - self.slots
+        self._has_entries = torch.cat([self._has_entries, torch.zeros(extra, self.batch, dtype=torch.bool)])
+        self._index_summaries = torch.cat([self._index_summaries, self._index_summaries.new_zeros(
+            extra, *self._index_summaries.shape[1:])])
         if self.path is not None:
             self._map(slots)
             return
-        extra = torch.zeros(slots - self.slots, self.record_bytes, dtype=torch.uint8)
-        self._records = torch.cat([self._records, extra])
+        self._records = torch.cat([self._records, torch.zeros(extra, self.record_bytes, dtype=torch.uint8)])
 
     def flush(self) -> None:
         """Write the mapped pages of a disk store to its file."""
@@ -313,22 +389,24 @@ class BlockStore:
             self._mmap.flush()
 
 
-def retrieve(store: BlockStore, queries: Tensor, r: int) -> tuple[Tensor, Tensor, Tensor]:
+def retrieve(store: BlockStore, queries: Tensor, r: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Decoder side of :func:`retrieval_per_chunk` at one boundary: the ``r`` blocks of
     ``store`` that best match ``queries [B, C, H, dh]`` (the chunk just completed).
 
-    Returns ``(ids [B, r], k, v [B, r·S, Hkv, dh])`` on the device of ``queries``; empty blocks
-    have id ``-1`` (their keys are zeros from slot 0 and must be masked by position)."""
-    b = queries.shape[0]
+    Returns ``(ids [B, r], k, v [B, r·S, Hkv, dh], pos [B, r·S])`` on the device of ``queries``;
+    an empty block has id ``-1`` and positions ``-1``."""
+    b, device = queries.shape[0], queries.device
     flat = (b, r * store.block_size, store.kv_heads, store.head_dim)
     if store.count == 0:
-        empty = torch.full((b, r), -1, dtype=torch.long, device=queries.device)
+        empty = torch.full((b, r), -1, dtype=torch.long, device=device)
         zeros = queries.new_zeros(flat, dtype=store.dtype)
-        return empty, zeros, zeros.clone()
-    scores = block_match_scores(queries, store.summaries().to(queries.device).transpose(0, 1))  # [B, m]
-    index, block = select_blocks(scores, store.block_ids().to(queries.device).expand_as(scores), r)
-    k, v = store.fetch(index)
-    return block.to(queries.device), k.reshape(flat).to(queries.device), v.reshape(flat).to(queries.device)
+        return empty, zeros, zeros.clone(), torch.full(flat[:2], -1, dtype=torch.long, device=device)
+    scores = block_match_scores(queries, store.summaries().to(device).transpose(0, 1))  # [B, m]
+    scores = scores.masked_fill(~store.has_entries().to(device).T, float("-inf"))
+    index, block = select_blocks(scores, store.block_ids().to(device).expand_as(scores), r)
+    k, v, pos = store.fetch(index)
+    pos = pos.to(device).masked_fill(block[..., None] < 0, -1).reshape(flat[:2])
+    return block.to(device), k.reshape(flat).to(device), v.reshape(flat).to(device), pos
 
 
 def store_file_name(layer: int) -> str:
@@ -338,12 +416,17 @@ def store_file_name(layer: int) -> str:
 
 __all__ = [
     "OVERFLOW_POLICIES",
+    "STORAGE_SOURCES",
     "BlockStore",
     "StorageBudgetExceeded",
     "block_bytes",
     "block_match_scores",
-    "block_positions",
+    "block_summary",
     "capacity_from_budget",
+    "entry_positions",
+    "evicted_block_count",
+    "gather_positions",
+    "raw_block_positions",
     "retrieval_per_chunk",
     "retrieve",
     "select_blocks",
