@@ -131,6 +131,32 @@ def test_eval_changes_a_field_of_the_task(tmp_path, capsys):
     assert result.returncode == 2 and "Traceback" not in result.stderr and "gap" in result.stderr
 
 
+def test_eval_sets_model_settings_before_varying_one(tmp_path, capsys, monkeypatch):
+    """``--set`` rebuilds the trained model with settings that need no new weights (here
+    storage), then ``--vary`` varies another one on top of them."""
+    from bmojo.evaluation import ablation
+
+    assert main(["train", "--task", "far_recall", "--arch", "bmojo", "--out", str(tmp_path), "--max-steps", "1",
+                 "--gap-min", "12", *[a if a != "2,4" else "2" for a in TINY]]) == 0
+    capsys.readouterr()
+    built = []
+    original = ablation.with_settings
+
+    def recording_with_settings(model, **fields):
+        built.append(original(model, **fields))
+        return built[-1]
+
+    monkeypatch.setattr(ablation, "with_settings", recording_with_settings)
+    assert main(["eval", "--ckpt", str(tmp_path), "--set", "storage_blocks=2", "--set", "storage_block_size=4",
+                 "--vary", "storage_source=raw,evicted", "--gap-min", "40", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["rows"]
+    assert [r["varied"]["value"] for r in rows] == ["raw", "evicted"]
+    evaluated = [(m.config.storage_blocks, m.config.storage_block_size, m.config.storage_source) for m in built[1:]]
+    assert evaluated == [(2, 4, "raw"), (2, 4, "evicted")]
+    result = bmojo("eval", "--ckpt", str(tmp_path), "--set", "storage_blocks=1,2")
+    assert result.returncode == 2 and "Traceback" not in result.stderr and "one value" in result.stderr
+
+
 def test_train_under_torchrun_with_fsdp_then_resume_on_one_process(tmp_path, capsys):
     args = ["train", "--task", "mqar", "--out", str(tmp_path), "--max-steps", "4", "--precision", "fp32", *TINY]
     result = torchrun_bmojo(*args, "--fsdp")

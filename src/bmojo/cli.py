@@ -273,6 +273,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if run.vocab_size != model.config.vocab_size:
         raise ValueError(f"task vocabulary {run.vocab_size} differs from the model's {model.config.vocab_size}")
     model = model.to(args.device or "cpu")
+    if args.set:
+        from bmojo.evaluation.ablation import with_settings
+
+        model = with_settings(model, **{variation.name: variation.values[0] for variation in args.set})
     if args.vary is not None:
         return _eval_ablation(args, model, run, evaluate_run)
     report = evaluate_run(model, run)
@@ -373,6 +377,14 @@ def cmd_smoke(args: argparse.Namespace) -> int:
         print(f"error: loss did not decrease for {not_learning}", file=sys.stderr)
         return 1
     return 0
+
+
+def _setting(text: str):
+    """``NAME=VALUE`` -> a :class:`bmojo.demo.Variation` of one value, typed like the field."""
+    variation = _variation(text)
+    if len(variation.values) != 1:
+        raise argparse.ArgumentTypeError(f"expected NAME=VALUE (one value), got {text!r}")
+    return variation
 
 
 def _variation(text: str):
@@ -504,6 +516,9 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--vary", type=_variation, default=None, metavar="NAME=V1,V2,...",
                           help="recall: evaluate the trained model rebuilt with each value of a setting that needs "
                                "no new weights, e.g. eidetic_capacity=0,4,8,16 or selection=topk,random,recent")
+    evaluate.add_argument("--set", type=_setting, action="append", default=[], metavar="NAME=VALUE",
+                          help="recall: evaluate the trained model rebuilt with this setting (no new weights; "
+                               "repeatable, applied before --vary), e.g. storage_blocks=4")
     evaluate.add_argument("--json", action="store_true", help="print the results as JSON on the last line")
     eval_task_group = evaluate.add_argument_group("task", "recall: change a field of the task the model is tested on")
     _add_fields(eval_task_group, _task_field_specs(), default_note="the run's")
