@@ -161,24 +161,32 @@ def test_retrieval_equals_hand(r: int, block: int, capacity: int, rope: str) -> 
     assert any(len(row) == r for row in expected[0])  # the store does fill up
 
 
-@pytest.mark.parametrize(("r", "block", "capacity", "rope"), STORAGE_CONFIGS)
-def test_forward_and_gradients_equal_plain(r: int, block: int, capacity: int, rope: str) -> None:
-    mixer = make_storage_mixer(seed=3, r=r, block=block, capacity=capacity, rope=rope)
-    x = make_input(L, seed=4).requires_grad_(True)
+def _assert_equals_plain(mixer: BMojoMixer, x: torch.Tensor, blocks: list[list[list[int]]], seed: int,
+                         tau: float | None = None) -> torch.Tensor:
+    """The layer's output and its gradients (input and weights but the predictor's) equal the
+    plain reference's given the hand-computed retrieved ``blocks``; returns the output."""
+    x = x.detach().requires_grad_(True)
     x2 = x.detach().clone().requires_grad_(True)
-    retrieved = positions_of(mixer, x.detach(), hand_retrieval(mixer, x.detach()))
-    y, y_plain = mixer(x), plain_bmojo(mixer, x2, retrieved=retrieved)
+    y, y_plain = mixer(x), plain_bmojo(mixer, x2, tau=tau, retrieved=positions_of(mixer, x.detach(), blocks))
     torch.testing.assert_close(y, y_plain, atol=1e-5, rtol=1e-5)
-    g = torch.randn(BATCH, L, D_MODEL, generator=torch.Generator().manual_seed(5))
+    g = torch.randn(BATCH, L, D_MODEL, generator=torch.Generator().manual_seed(seed))
     params = [p for n, p in mixer.named_parameters() if not n.startswith("predictor")]
     got = torch.autograd.grad((y * g).sum(), [x, *params])
     want = torch.autograd.grad((y_plain * g).sum(), [x2, *params])
     for a, e in zip(got, want, strict=True):
         torch.testing.assert_close(a, e, atol=1e-4, rtol=1e-4)
+    return y.detach()
+
+
+@pytest.mark.parametrize(("r", "block", "capacity", "rope"), STORAGE_CONFIGS)
+def test_forward_and_gradients_equal_plain(r: int, block: int, capacity: int, rope: str) -> None:
+    mixer = make_storage_mixer(seed=3, r=r, block=block, capacity=capacity, rope=rope)
+    x = make_input(L, seed=4)
+    y = _assert_equals_plain(mixer, x, hand_retrieval(mixer, x), seed=5)
     # Storage changes the result (the retrieved keys are really attended).
     without = make_storage_mixer(seed=3, r=r, block=block, capacity=capacity, rope=rope)
     without.storage_blocks = 0
-    assert not torch.allclose(without(x.detach()), y.detach(), atol=1e-4)
+    assert not torch.allclose(without(x), y, atol=1e-4)
 
 
 def _check_decoding(mixer: BMojoMixer, x: torch.Tensor, prefix: int, max_blocks: int | None = None) -> None:
@@ -246,21 +254,12 @@ def test_evicted_entries_forward_and_gradients_equal_plain(r, block, policy, thr
     equals the plain reference given the hand-computed stream of dropped entries."""
     mixer = make_storage_mixer(seed=22, r=r, block=block, policy=policy, threshold=threshold, rope=rope,
                                source="evicted")
-    x = make_input(L, seed=23).requires_grad_(True)
-    x2 = x.detach().clone().requires_grad_(True)
-    blocks = hand_retrieval(mixer, x.detach())
+    x = make_input(L, seed=23)
+    blocks = hand_retrieval(mixer, x)
     assert any(len(row) == r for row in blocks[0])  # the store does fill up
-    retrieved = positions_of(mixer, x.detach(), blocks)
-    y, y_plain = mixer(x), plain_bmojo(mixer, x2, tau=threshold, retrieved=retrieved)
-    torch.testing.assert_close(y, y_plain, atol=1e-5, rtol=1e-5)
-    g = torch.randn(BATCH, L, D_MODEL, generator=torch.Generator().manual_seed(24))
-    params = [p for n, p in mixer.named_parameters() if not n.startswith("predictor")]
-    got = torch.autograd.grad((y * g).sum(), [x, *params])
-    want = torch.autograd.grad((y_plain * g).sum(), [x2, *params])
-    for a, e in zip(got, want, strict=True):
-        torch.testing.assert_close(a, e, atol=1e-4, rtol=1e-4)
+    y = _assert_equals_plain(mixer, x, blocks, seed=24, tau=threshold)
     raw = make_storage_mixer(seed=22, r=r, block=block, policy=policy, threshold=threshold, rope=rope)
-    assert not torch.allclose(raw(x.detach()), y.detach(), atol=1e-4)  # another store, another result
+    assert not torch.allclose(raw(x), y, atol=1e-4)  # another store, another result
 
 
 @pytest.mark.parametrize(("r", "block", "policy", "threshold", "rope"), EVICTED_CONFIGS)

@@ -407,14 +407,14 @@ class BMojoMixer(Attention):
             cache.ret_block.fill_(-1)
             cache.ret_pos.fill_(-1)
 
-    def _memory_continued(self, cache: BMojoCache, x: Tensor, f: Tensor, k_eid: Tensor, v: Tensor,
-                          start: int) -> tuple[Tensor, Tensor, Tensor, tuple[Tensor, Tensor, Tensor], Tensor]:
+    def _memory_continued(self, cache: BMojoCache, x: Tensor, f: Tensor, k_eid: Tensor, v: Tensor, start: int
+                          ) -> tuple[Tensor, Tensor, Tensor, tuple[Tensor, Tensor, Tensor] | None, Tensor]:
         """The eidetic memory each query chunk of positions ``start .. start+L-1`` sees, continued
         from the cached slots and the candidates of the open chunk (positions ``start//C·C ..
         start-1``): ``(pos [B, nq, M], k, v [B, nq, M, Hkv, dh], dropped, aux_loss)``, ``dropped``
         the entries each completed chunk's update drops (``pos [B, nc, k]``, ``k, v [B, nc, k,
-        Hkv, dh]``). Leaves in the cache the memory after the last complete chunk and the
-        candidates of the chunk still open."""
+        Hkv, dh]``) when the store takes them (``"evicted"``), else ``None``. Leaves in the
+        cache the memory after the last complete chunk and the candidates of the chunk still open."""
         L, C, M = x.shape[1], self.chunk_size, self.eidetic_capacity
         chunk_start = start // C * C
         n_open = start - chunk_start
@@ -439,8 +439,10 @@ class BMojoMixer(Attention):
             return gather_positions(source_k, index), gather_positions(source_v, index)
 
         mem_k, mem_v = entries(mem_pos)
-        drop_pos, _ = eidetic_dropped_per_chunk(sel_pos, sel_score, mem_pos, mem_score)  # [B, nc, k]
-        dropped = (drop_pos, *entries(drop_pos))
+        dropped = None
+        if self.has_storage and self.storage_source == "evicted":
+            drop_pos, _ = eidetic_dropped_per_chunk(sel_pos, sel_score, mem_pos, mem_score)  # [B, nc, k]
+            dropped = (drop_pos, *entries(drop_pos))
         cache.mem_pos, cache.mem_score = mem_pos[:, -1].clone(), mem_score[:, -1].clone()
         cache.mem_k = mem_k[:, -1].detach().to(cache.cand_k.dtype)
         cache.mem_v = mem_v[:, -1].detach().to(cache.cand_v.dtype)
