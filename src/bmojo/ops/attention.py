@@ -35,6 +35,7 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 
 def _check_inputs(q, k, v, window, fading_span, kf, vf, mem_k, mem_v, mem_pos, chunk_size) -> None:
@@ -112,21 +113,88 @@ def union_attention_reference(
     return out.transpose(1, 2).to(v.dtype)
 
 
-def _shifted_blocks(t: Tensor, nq: int, C: int, lo: int, hi: int) -> tuple[Tensor, Tensor]:
+def _shifted_blocks(t: Tensor, nq: int, C: int, lo: int, hi: int) -> tuple[list[Tensor], Tensor]:
     """For every block start ``s = n*C``, the keys at positions ``s+lo .. s+hi`` (and a few
     more), taken as whole blocks ``n + d`` for ``d = lo//C .. hi//C`` (zeros outside the sequence).
 
-    ``t [b, l, hkv, dh]`` -> ``(keys [b, hkv, nq, K, dh], offsets [K])``, head-major, where
-    ``offsets`` are the keys' positions relative to the block start. Built from slices of one
-    padded copy, so the backward pass is a sum of slices (much cheaper than ``unfold``'s).
+    ``t [b, l, hkv, dh]`` -> ``(blocks, offsets [K])``: one view ``[b, hkv, nq, C, dh]`` per
+    ``d`` (head-major; concatenated along dim 3 they are the ``K`` keys of each block), and
+    the keys' positions relative to the block start. Views of one padded copy, so the
+    backward pass is a sum of slices (much cheaper than ``unfold``'s).
     """
     first, last = lo // C, hi // C
     front, back = max(-first, 0), max(last, 0)
     b, l, hkv, dh = t.shape
     padded = F.pad(t.transpose(1, 2), (0, 0, front * C, (nq + back) * C - l))  # [b, hkv, l', dh]
     blocks = padded.reshape(b, hkv, front + nq + back, C, dh)
-    keys = torch.cat([blocks[:, :, front + d: front + d + nq] for d in range(first, last + 1)], dim=3)
-    return keys, torch.arange(first * C, (last + 1) * C, device=t.device)
+    views = [blocks[:, :, front + d: front + d + nq] for d in range(first, last + 1)]
+    return views, torch.arange(first * C, (last + 1) * C, device=t.device)
+
+
+class _BlockAttention(torch.autograd.Function):
+    """Softmax attention of query blocks over their own key blocks, backward written out.
+
+    ``q [b, hkv, nq, R, dh]`` (already scaled) against ``k, v [b, hkv, nq, K, dh]`` with the
+    additive mask ``bias`` (0 or -inf, broadcastable to ``[b, hkv, nq, R/C, C, K]``) and,
+    optionally, ``q_mem`` against the memory keys ``mem_k, mem_v [b, hkv, nq, M, dh]`` with
+    ``mem_bias``: one softmax over the ``K + M`` scores (float32). Returns ``[b, hkv, nq, R, dh]``.
+
+    Autograd through the same ops writes and reads the ``[R, K + M]`` scores about ten times
+    (concatenation, scaling, masking, softmax, each with its backward); here they are computed
+    into one buffer, masked and normalised in place, and the backward is the standard
+    ``dS = P ∘ (dP - rowsum(dO ∘ O))``. Tested equal, outputs and gradients, to
+    :func:`union_attention_reference` (tests/ops/test_attention.py).
+    """
+
+    @staticmethod
+    def forward(ctx, q, k, v, bias, q_mem, mem_k, mem_v, mem_bias):
+        b, hkv, nq, R, dh = q.shape
+        C = bias.shape[-2]
+        K, M = k.shape[3], 0 if mem_k is None else mem_k.shape[3]
+        n = b * hkv * nq
+        scores = q.new_empty(n, R, K + M)
+        torch.bmm(q.reshape(n, R, dh), k.reshape(n, K, dh).mT, out=scores[..., :K])
+        if M:
+            torch.bmm(q_mem.reshape(n, R, dh), mem_k.reshape(n, M, dh).mT, out=scores[..., K:])
+        scores = scores.float().view(b, hkv, nq, R // C, C, K + M)
+        scores[..., :K] += bias
+        if M:
+            scores[..., K:] += mem_bias
+        probs = torch.softmax(scores.view(n, R, K + M), dim=-1)  # [n, R, K+M], float32
+        p = probs.to(v.dtype)
+        out = torch.bmm(p[..., :K], v.reshape(n, K, dh))
+        if M:
+            out.baddbmm_(p[..., K:], mem_v.reshape(n, M, dh))
+        ctx.save_for_backward(q, k, v, q_mem, mem_k, mem_v, probs, out)
+        return out.view(b, hkv, nq, R, dh)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, d_out):
+        q, k, v, q_mem, mem_k, mem_v, probs, out = ctx.saved_tensors
+        b, hkv, nq, R, dh = q.shape
+        n, K, M = probs.shape[0], k.shape[3], probs.shape[2] - k.shape[3]
+        d_out = d_out.reshape(n, R, dh).contiguous()
+        d_probs = d_out.new_empty(n, R, K + M)
+        torch.bmm(d_out, v.reshape(n, K, dh).mT, out=d_probs[..., :K])
+        if M:
+            torch.bmm(d_out, mem_v.reshape(n, M, dh).mT, out=d_probs[..., K:])
+        row = (d_out.float() * out.float()).sum(-1, keepdim=True)  # = rowsum(dP ∘ P), [n, R, 1]
+        d_scores = d_probs.float().sub_(row).mul_(probs).to(q.dtype)  # [n, R, K+M]
+        p = probs.to(v.dtype)
+
+        def grads(query, keys, values, cols):  # one key set's d query, d keys, d values
+            shape = keys.shape
+            keys, values, ds, pc = keys.reshape(n, -1, dh), values.reshape(n, -1, dh), d_scores[..., cols], p[..., cols]
+            return (torch.bmm(ds, keys), torch.bmm(ds.mT, query.reshape(n, R, dh)).view(shape),
+                    torch.bmm(pc.mT, d_out).view(shape))
+
+        dq, dk, dv = grads(q, k, v, slice(0, K))
+        dq_mem = dmem_k = dmem_v = None
+        if M:
+            dq_mem, dmem_k, dmem_v = grads(q_mem, mem_k, mem_v, slice(K, K + M))
+            dq_mem = dq_mem.view(q.shape)
+        return dq.view(q.shape), dk, dv, None, dq_mem, dmem_k, dmem_v, None
 
 
 DENSE_WINDOW_MAX_LEN = 256
@@ -220,8 +288,8 @@ def union_attention_blocks(
     a = torch.arange(C, device=device)  # query offset inside the block
     block_start = torch.arange(nq, device=device) * C  # [nq]
 
-    def head_major_blocks(query: Tensor) -> Tensor:  # [b, l, h, dh] -> [b, hkv, nq, group*C, dh]
-        padded = F.pad(query, (0, 0, 0, 0, 0, nq * C - l)).view(b, nq, C, hkv, group, dh)
+    def head_major_blocks(query: Tensor) -> Tensor:  # [b, l, h, dh] -> [b, hkv, nq, group*C, dh], scaled
+        padded = F.pad(query * scale, (0, 0, 0, 0, 0, nq * C - l)).view(b, nq, C, hkv, group, dh)
         return padded.permute(0, 3, 1, 4, 2, 5).reshape(b, hkv, nq, group * C, dh)
 
     def visible(offsets: Tensor, lo: Tensor, hi: Tensor) -> Tensor:
@@ -230,35 +298,31 @@ def union_attention_blocks(
         in_range = (offsets[None, :] >= lo[:, None]) & (offsets[None, :] <= hi[:, None])  # [C, K]
         return in_range[None] & (block_start[:, None, None] + offsets[None, None, :] >= 0)
 
+    def hidden_bias(seen: Tensor) -> Tensor:  # bool -> float32: 0 where seen, -inf elsewhere
+        return torch.zeros(seen.shape, device=device).masked_fill_(~seen, float("-inf"))
+
     # Raw window: keys j in [i-W+1, i], i.e. offsets in [a-W+1, a].
-    raw_k, offsets = _shifted_blocks(k, nq, C, -(W - 1), C - 1)  # [b, hkv, nq, K, dh]
+    raw_k, offsets = _shifted_blocks(k, nq, C, -(W - 1), C - 1)  # views [b, hkv, nq, C, dh]
     raw_v, _ = _shifted_blocks(v, nq, C, -(W - 1), C - 1)
-    keys, values, masks = [raw_k], [raw_v], [visible(offsets, a - W + 1, a)]  # masks [nq, C, K]
+    keys, values, masks = raw_k, raw_v, [visible(offsets, a - W + 1, a)]  # masks [nq, C, K]
     if Fs > 0:
         # Fading tokens: j in [i-W-F+1, i-W], i.e. offsets in [a-W-F+1, a-W].
         fading_k, offsets = _shifted_blocks(kf, nq, C, -(W + Fs - 1), C - 1 - W)
         fading_v, _ = _shifted_blocks(vf, nq, C, -(W + Fs - 1), C - 1 - W)
-        keys.append(fading_k)
-        values.append(fading_v)
+        keys, values = keys + fading_k, values + fading_v
         masks.append(visible(offsets, a - W - Fs + 1, a - W))
     q_blocks = head_major_blocks(q)  # [b, hkv, nq, group*C, dh]
-    logits = q_blocks @ torch.cat(keys, dim=3).transpose(-1, -2)  # [b, hkv, nq, group*C, K]
-    mask = torch.cat(masks, dim=-1)[None, None, :, None].expand(b, 1, nq, group, C, -1)  # [b, 1, nq, g, C, K]
-
+    bias = hidden_bias(torch.cat(masks, dim=-1))[None, None, :, None]  # [1, 1, nq, 1, C, K]
+    memory = (None, None, None, None)
     if mem_k is not None:
         query_pos = block_start[:, None] + a[None, :]  # [nq, C]
         mem_visible = (mem_pos[:, :, None, :] >= 0) & (
             mem_pos[:, :, None, :] <= query_pos[None, :, :, None] - W
         )  # [b, nq, C, M]
         qm_blocks = q_blocks if q_mem is None else head_major_blocks(q_mem)
-        mem_k_hm, mem_v_hm = (t.permute(0, 3, 1, 2, 4) for t in (mem_k, mem_v))  # [b, hkv, nq, M, dh]
-        logits = torch.cat([logits, qm_blocks @ mem_k_hm.transpose(-1, -2)], dim=-1)
-        values.append(mem_v_hm)
-        mask = torch.cat([mask, mem_visible[:, None, :, None].expand(b, 1, nq, group, C, -1)], dim=-1)
-
-    logits = logits.float().view(b, hkv, nq, group, C, -1) * scale
-    probs = torch.softmax(logits.masked_fill(~mask, float("-inf")), dim=-1).to(v.dtype)
-    out = probs.view(b, hkv, nq, group * C, -1) @ torch.cat(values, dim=3)  # [b, hkv, nq, group*C, dh]
+        mem_k_hm, mem_v_hm = (t.permute(0, 3, 1, 2, 4).contiguous() for t in (mem_k, mem_v))  # [b, hkv, nq, M, dh]
+        memory = (qm_blocks, mem_k_hm, mem_v_hm, hidden_bias(mem_visible)[:, None, :, None])  # bias [b, 1, nq, 1, C, M]
+    out = _BlockAttention.apply(q_blocks, torch.cat(keys, dim=3), torch.cat(values, dim=3), bias, *memory)
     out = out.view(b, hkv, nq, group, C, dh).permute(0, 2, 4, 1, 3, 5)  # [b, nq, C, hkv, group, dh]
     return out.reshape(b, nq * C, h, dh)[:, :l]
 

@@ -10,7 +10,8 @@ Three functions compute it:
 - :func:`ssd_step`: one time step (decoding);
 - :func:`ssd_sequential`: the reference, a Python loop over :func:`ssd_step`;
 - :func:`ssd_chunked`: the fast path, the chunked SSD algorithm (quadratic attention-like
-  form inside chunks of ``chunk_size`` positions, a linear recurrence over chunk states).
+  form inside chunks of ``chunk_size`` positions, a linear recurrence over chunk states),
+  with its backward written out (:class:`_ChunkScan`).
 
 Whatever the input dtype, and with autocast disabled inside, all computation happens in
 float32 or wider (float64 inputs are computed in float64) (DESIGN.md §8.5); outputs are
@@ -29,6 +30,7 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 
 def _check_shapes(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor) -> None:
@@ -142,17 +144,140 @@ def decay(log_decay: Tensor) -> Tensor:
 
 def decay_matrix(a: Tensor) -> Tensor:
     """``[..., T] -> [..., T, T]``: ``exp(a[j+1] + ... + a[i])`` for ``i >= j`` and ``0``
-    above the diagonal, the causal decay inside a chunk (through :func:`decay`).
+    above the diagonal, the causal decay inside a chunk (flushed to zero below the normal
+    range, as :func:`decay`).
 
-    Computed as a difference of cumulative sums taken in float64 (one subtraction per entry,
-    instead of a masked cumulative sum over a ``[T, T]`` tensor); the wide accumulation keeps
-    a short segment's sum exact to float32 precision after a long run of large decays.
+    Computed as a difference of cumulative sums: the sums are taken in float64 and split into
+    a rounded part and its remainder, each subtracted in the input's dtype. A short segment's
+    sum so keeps the input dtype's relative precision after a long run of large decays
+    (a plain float32 difference would lose it) without any ``[T, T]`` float64 tensor.
+    Not differentiable (in-place); :class:`_ChunkScan` writes its gradient out.
     """
     T = a.shape[-1]
     a_cumsum = torch.cumsum(a.double(), dim=-1)
-    diff = (a_cumsum[..., :, None] - a_cumsum[..., None, :]).to(a.dtype)  # [..., i, j]
-    upper = torch.ones(T, T, dtype=torch.bool, device=a.device).triu(1)
-    return decay(diff.masked_fill(upper, float("-inf")))
+    rounded = a_cumsum.to(a.dtype)
+    remainder = (a_cumsum - rounded.double()).to(a.dtype)
+    diff = rounded[..., :, None] - rounded[..., None, :]  # [..., i, j]
+    diff += remainder[..., :, None]
+    diff -= remainder[..., None, :]
+    floor = math.ceil(math.log(torch.finfo(a.dtype).tiny))
+    lower = torch.ones(T, T, dtype=torch.bool, device=a.device).tril()
+    keep = (diff >= floor) & lower
+    return diff.clamp_(min=floor).exp_().masked_fill_(~keep, 0.0)
+
+
+def _grouped(t: Tensor, g: int) -> Tensor:
+    """[b, h, ...] -> [b, g, h/g, ...]: the heads of each group of ``B``/``C`` together."""
+    return t.view(t.shape[0], g, t.shape[1] // g, *t.shape[2:])
+
+
+def _heads(t: Tensor) -> Tensor:
+    """[b, g, h/g, ...] -> [b, h, ...]."""
+    return t.flatten(1, 2)
+
+
+def _per_head(t: Tensor) -> Tensor:
+    """[b, g, ...] -> [b, g, 1, ...]: broadcasts over a group's heads."""
+    return t.unsqueeze(2)
+
+
+def _chunk_scan_forward(x_dt: Tensor, a: Tensor, Bc: Tensor, Cc: Tensor, initial_state: Tensor
+                        ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Steps 1-4 of :func:`ssd_chunked` on chunked inputs (shapes in :class:`_ChunkScan`).
+    Returns ``(y [b, h, c, Q, p], entering states [b, h, c, p, n], final state [b, h, p, n],
+    in-chunk decays [b, h, c, Q, Q])``."""
+    g = Bc.shape[1]
+    a_cumsum = torch.cumsum(a, dim=-1)  # [b, h, c, Q]
+
+    # 1. Within each chunk: y_i += sum_{j <= i} (C_i · B_j) exp(a_{j+1} + ... + a_i) dt_j x_j.
+    cb = Cc @ Bc.mT  # [b, g, c, Q(i), Q(j)], once per group
+    L = decay_matrix(a)  # [b, h, c, Q, Q]
+    y = _heads(_per_head(cb) * _grouped(L, g)) @ x_dt  # [b, h, c, Q, p]
+
+    # 2. State contributed by each chunk alone, at its end: sum_j decay_j dt_j x_j ⊗ B_j.
+    decay_to_end = decay(a_cumsum[..., -1:] - a_cumsum)  # [b, h, c, Q]
+    chunk_states = _heads(_grouped(x_dt * decay_to_end[..., None], g).mT @ _per_head(Bc))  # [b, h, c, p, n]
+
+    # 3. Recurrence over chunks, O(c): the state entering each chunk, and the final state.
+    chunk_decay = decay(a_cumsum[..., -1])[..., None, None]  # [b, h, c, 1, 1]: decay across a whole chunk
+    entering = torch.empty_like(chunk_states)
+    state = initial_state
+    for c in range(x_dt.shape[2]):
+        entering[:, :, c] = state
+        state = chunk_decay[:, :, c] * state + chunk_states[:, :, c]
+
+    # 4. Contribution of the entering state to each position of the chunk.
+    y += _heads(_per_head(Cc) @ _grouped(entering, g).mT) * decay(a_cumsum)[..., None]
+    return y, entering, state, L
+
+
+class _ChunkScan(torch.autograd.Function):
+    """The chunked SSD on chunked inputs, with its backward written out.
+
+    ``x_dt [b, h, c, Q, p]`` (``dt·x``), ``a [b, h, c, Q]`` (``dt·A``), ``Bc, Cc [b, g, c, Q, n]``,
+    ``initial_state [b, h, p, n]`` -> ``(y [b, h, c, Q, p], final_state [b, h, p, n])``.
+
+    Autograd through :func:`_chunk_scan_forward` would keep every ``[Q, Q]`` intermediate, and
+    its loop over chunks would make the backward add a zero-filled gradient of all chunk states
+    per chunk (``O(c²)`` memory traffic). This saves the inputs, the entering states and the
+    in-chunk decays ``L`` only, and runs the chunk recurrence backwards in one loop. Tested equal,
+    outputs and gradients, to :func:`ssd_sequential` (tests/ops/test_ssd.py).
+    """
+
+    @staticmethod
+    def forward(ctx, x_dt: Tensor, a: Tensor, Bc: Tensor, Cc: Tensor, initial_state: Tensor):
+        y, entering, final_state, L = _chunk_scan_forward(x_dt, a, Bc, Cc, initial_state)
+        ctx.save_for_backward(x_dt, a, Bc, Cc, entering, L)
+        return y, final_state
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dy: Tensor, d_final: Tensor):
+        x_dt, a, Bc, Cc, entering, L = ctx.saved_tensors
+        g = Bc.shape[1]
+        dy = dy.contiguous()  # a strided gradient would make every batched matmul below copy per matrix
+        a_cumsum = torch.cumsum(a, dim=-1)  # [b, h, c, Q]
+        decay_to_end = decay(a_cumsum[..., -1:] - a_cumsum)  # [b, h, c, Q]
+        chunk_decay = decay(a_cumsum[..., -1])  # [b, h, c]
+
+        # 4. y += (C·E^T) ∘ exp(cumsum a): gradients of C, of the entering states E and of cumsum a.
+        dy_decayed = dy * decay(a_cumsum)[..., None]  # [b, h, c, Q, p]
+        dy_E = _grouped(dy_decayed @ entering, g)  # [b, g, h/g, c, Q, n]
+        dCc = dy_E.sum(2)  # [b, g, c, Q, n]
+        d_cumsum = _heads((dy_E * _per_head(Cc)).sum(-1))  # [b, h, c, Q]
+        d_entering = _heads(_grouped(dy_decayed, g).mT @ _per_head(Cc))  # [b, h, c, p, n]
+
+        # 3. The recurrence backwards: d chunk_states[c] is the gradient of the state after chunk c.
+        d_chunk_states = torch.empty_like(entering)
+        grad = d_final
+        for c in reversed(range(x_dt.shape[2])):
+            d_chunk_states[:, :, c] = grad
+            grad = d_entering[:, :, c] + chunk_decay[:, :, c, None, None] * grad
+        d_initial = grad
+        d_cumsum[..., -1] += (d_chunk_states * entering).sum((-1, -2)) * chunk_decay
+
+        # 2. chunk_states = (x_dt ∘ decay_to_end)^T B.
+        d_weighted_x = _heads(_per_head(Bc) @ _grouped(d_chunk_states, g).mT)  # [b, h, c, Q, p]
+        dBc = _grouped((x_dt * decay_to_end[..., None]) @ d_chunk_states, g).sum(2)  # [b, g, c, Q, n]
+        dx_dt = d_weighted_x * decay_to_end[..., None]
+        d_to_end = (d_weighted_x * x_dt).sum(-1) * decay_to_end  # [b, h, c, Q]
+        d_cumsum -= d_to_end
+        d_cumsum[..., -1] += d_to_end.sum(-1)
+
+        # 1. y = S x_dt with S = (C B^T) ∘ L, L[i, j] = exp(cumsum_i - cumsum_j) for i >= j.
+        cb = Cc @ Bc.mT  # [b, g, c, Q, Q]
+        L = _grouped(L, g)  # [b, g, h/g, c, Q, Q]
+        scores = _heads(_per_head(cb) * L)  # [b, h, c, Q, Q]
+        dx_dt += scores.mT @ dy
+        d_scores = dy @ x_dt.mT  # [b, h, c, Q, Q]
+        d_cb = (_grouped(d_scores, g) * L).sum(2)  # [b, g, c, Q, Q]
+        dCc += d_cb @ Bc
+        dBc += d_cb.mT @ Cc
+        d_log_L = d_scores.mul_(scores)  # d loss / d (cumsum_i - cumsum_j)
+        d_cumsum += d_log_L.sum(-1) - d_log_L.sum(-2)
+
+        da = d_cumsum.flip(-1).cumsum(-1).flip(-1)  # cumsum_i = a_0 + ... + a_i
+        return dx_dt, da, dBc, dCc, d_initial if ctx.needs_input_grad[4] else None
 
 
 @_without_autocast
@@ -174,7 +299,8 @@ def ssd_chunked(
 
     Everything is laid out head-major and contiguous (``[b, h, c, Q, *]``, one copy in and
     one out), so every product is a plain batched matmul; ``C·B`` is computed once per
-    group and broadcast over the group's heads.
+    group and broadcast over the group's heads. The scan itself is :class:`_ChunkScan`,
+    whose backward is written out.
     """
     _check_shapes(x, dt, A, B, C)
     if chunk_size < 1:
@@ -195,39 +321,8 @@ def ssd_chunked(
     x_dt = chunked(x * dtf[..., None])  # [b, h, c, Q, p]
     Bc, Cc = chunked(B), chunked(C)  # [b, g, c, Q, n]
     a = chunked((dtf * A.to(acc))[..., None])[..., 0]  # [b, h, c, Q]
-    a_cumsum = torch.cumsum(a, dim=-1)  # [b, h, c, Q]
-
-    def per_head(t: Tensor) -> Tensor:  # [b, g, ...] -> [b, g, 1, ...]: broadcasts over a group's heads
-        return t.unsqueeze(2)
-
-    def heads(t: Tensor) -> Tensor:  # [b, g, h/g, ...] -> [b, h, ...]
-        return t.reshape(b, h, *t.shape[3:])
-
-    def grouped(t: Tensor) -> Tensor:  # [b, h, ...] -> [b, g, h/g, ...]
-        return t.view(b, g, h // g, *t.shape[2:])
-
-    # 1. Within each chunk: y_i += sum_{j <= i} (C_i · B_j) exp(a_{j+1} + ... + a_i) dt_j x_j.
-    cb = Cc @ Bc.transpose(-1, -2)  # [b, g, c, Q(i), Q(j)]
-    scores = per_head(cb) * grouped(decay_matrix(a))  # [b, g, h/g, c, Q, Q]
-    y = heads(scores) @ x_dt  # [b, h, c, Q, p]
-
-    # 2. State contributed by each chunk alone, at its end: sum_j decay_j dt_j x_j ⊗ B_j.
-    decay_to_end = decay(a_cumsum[..., -1:] - a_cumsum)  # [b, h, c, Q]
-    weighted_x = grouped(x_dt * decay_to_end[..., None]).transpose(-1, -2)  # [b, g, h/g, c, p, Q]
-    chunk_states = heads(weighted_x @ per_head(Bc))  # [b, h, c, p, n]
-
-    # 3. Recurrence over chunks, O(c): the state entering each chunk, and the final state.
-    chunk_decay = decay(a_cumsum[..., -1])  # [b, h, c]: decay across a whole chunk
-    state = chunk_states.new_zeros(b, h, p, n) if initial_state is None else initial_state.to(acc)
-    entering = []
-    for c in range(nc):
-        entering.append(state)
-        state = chunk_decay[:, :, c, None, None] * state + chunk_states[:, :, c]
-    entering_states, final_state = torch.stack(entering, dim=2), state  # [b, h, c, p, n], [b, h, p, n]
-
-    # 4. Contribution of the entering state to each position of the chunk.
-    from_state = heads(per_head(Cc) @ grouped(entering_states).transpose(-1, -2))  # [b, h, c, Q, p]
-    y = y + from_state * decay(a_cumsum)[..., None]
+    state = x.new_zeros(b, h, p, n, dtype=acc) if initial_state is None else initial_state.to(acc)
+    y, final_state = _ChunkScan.apply(x_dt, a, Bc, Cc, state)
 
     y = y.view(b, h, nc * Q, p).transpose(1, 2)[:, :l]  # [b, l, h, p]
     if D is not None:
