@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from bmojo.ops import ssd_chunked, ssd_sequential, ssd_step
-from bmojo.ops.ssd import decay, ssd_chunk_size
+from bmojo.ops.ssd import decay
 
 B_, H, P, N = 2, 4, 8, 8
 GRAD_NAMES = ("x", "dt", "A", "B", "C", "D", "initial_state")
@@ -115,11 +115,6 @@ def test_decay_is_exp_with_subnormal_results_flushed_to_zero(dtype):
     decay(leaf).sum().backward()
     expected = torch.cat([torch.exp(in_range), torch.zeros_like(below)])
     torch.testing.assert_close(leaf.grad, expected, rtol=0, atol=0)
-
-
-@pytest.mark.parametrize(("headdim", "d_state", "expected"), [(32, 4, 32), (8, 16, 32), (32, 16, 64), (64, 64, 64)])
-def test_ssd_chunk_size_is_shorter_for_small_states(headdim, d_state, expected):
-    assert ssd_chunk_size(headdim, d_state) == expected
 
 
 def test_final_state_not_changed_by_padding():

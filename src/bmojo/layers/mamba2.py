@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 from bmojo.layers.norm import GatedRMSNorm
 from bmojo.ops.conv import causal_depthwise_conv1d
-from bmojo.ops.ssd import ssd_chunk_size, ssd_chunked, ssd_step
+from bmojo.ops.ssd import SSD_CHUNK_SIZE, ssd_chunked, ssd_step
 
 
 @dataclass
@@ -30,7 +30,7 @@ class Mamba2Cache:
 
 class Mamba2Mixer(nn.Module):
     """``[B, L, d_model] -> [B, L, d_model]``; ``chunk_size`` is the SSD chunk (not a weight;
-    default :func:`bmojo.ops.ssd.ssd_chunk_size`).
+    default :data:`bmojo.ops.ssd.SSD_CHUNK_SIZE`).
     ``conv1d`` holds the convolution's parameters in the reference layout; the forward pass
     applies them with :func:`bmojo.ops.causal_depthwise_conv1d`."""
 
@@ -60,7 +60,7 @@ class Mamba2Mixer(nn.Module):
         if self.nheads % ngroups != 0:
             raise ValueError(f"number of SSM heads {self.nheads} must be a multiple of ngroups {ngroups}")
         self.ngroups = ngroups
-        self.chunk_size = ssd_chunk_size(headdim, d_state) if chunk_size is None else chunk_size
+        self.chunk_size = SSD_CHUNK_SIZE if chunk_size is None else chunk_size
         self.conv_dim = self.d_inner + 2 * ngroups * d_state
 
         self.in_proj = nn.Linear(d_model, 2 * self.d_inner + 2 * ngroups * d_state + self.nheads, bias=bias)

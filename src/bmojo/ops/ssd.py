@@ -118,16 +118,9 @@ def ssd_sequential(
     return y, state
 
 
-SMALL_STATE = 128  # elements of a head's state p·n up to which a chunk of 32 beats 64 (docs/performance.md)
-
-
-def ssd_chunk_size(headdim: int, d_state: int) -> int:
-    """A chunk size for :func:`ssd_chunked`: Mamba-2's 64, or 32 when a head's state
-    ``p·n`` is at most ``SMALL_STATE`` elements. The in-chunk decay and score tensors hold
-    ``L·Q`` entries per head and the chunk states ``L·p·n/Q``; with a small state the first
-    dominate and a shorter chunk pays, while shorter chunks still (16 and less) lose to the
-    Python loop over chunks at long sequences."""
-    return 32 if headdim * d_state <= SMALL_STATE else 64
+# The Mamba-2 mixer's default chunk: the fastest on CPU, forward+backward, for every state size
+# measured (docs/performance.md).
+SSD_CHUNK_SIZE = 32
 
 
 def decay(log_decay: Tensor) -> Tensor:
