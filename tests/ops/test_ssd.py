@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from bmojo.ops import ssd_chunked, ssd_sequential, ssd_step
-from bmojo.ops.ssd import decay
+from bmojo.ops.ssd import decay, decay_matrix
 
 B_, H, P, N = 2, 4, 8, 8
 GRAD_NAMES = ("x", "dt", "A", "B", "C", "D", "initial_state")
@@ -115,6 +115,31 @@ def test_decay_is_exp_with_subnormal_results_flushed_to_zero(dtype):
     decay(leaf).sum().backward()
     expected = torch.cat([torch.exp(in_range), torch.zeros_like(below)])
     torch.testing.assert_close(leaf.grad, expected, rtol=0, atol=0)
+
+
+def test_decay_matrix_keeps_float32_precision_of_each_segment():
+    """Entry ``[i, j]`` is ``exp`` of the float64 sum of ``a[j+1..i]`` to float32's precision
+    *of that sum*, even after a long run of large decays (a plain float32 difference of
+    cumulative sums reaching -1900 is off by ~1e-4 relative on short segments); zero above the
+    diagonal and where the sum is below :func:`decay`'s floor (-87, where float32 results
+    turn subnormal)."""
+    gen = torch.Generator().manual_seed(5)
+    T = 64
+    a = (-30.0 * torch.rand(3, T, generator=gen)).float()
+    a[:, ::7] = -1e-3  # short, weak steps between the large ones
+    exact = torch.full((3, T, T), float("-inf"), dtype=torch.float64)
+    for i in range(T):
+        for j in range(i + 1):
+            exact[:, i, j] = a[:, j + 1: i + 1].double().sum(-1)
+    floor = math.ceil(math.log(torch.finfo(torch.float32).tiny))
+    clear = (exact - floor).abs() > 1e-4  # sums at the floor may round to either side
+    normal = (exact >= floor) & clear
+    expected = exact.exp()
+    got = decay_matrix(a).double()
+    assert (got[(exact < floor) & clear] == 0).all()
+    eps = torch.finfo(torch.float32).eps
+    tolerance = 4 * eps * (1 + exact[normal].abs()) * expected[normal]
+    assert ((got[normal] - expected[normal]).abs() <= tolerance).all()
 
 
 def test_final_state_not_changed_by_padding():
