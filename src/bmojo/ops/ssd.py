@@ -123,6 +123,11 @@ def ssd_sequential(
 SSD_CHUNK_SIZE = 32
 
 
+def _decay_floor(dtype: torch.dtype) -> int:
+    """The lowest log-decay whose ``exp`` is a normal number of ``dtype`` (-87 for float32)."""
+    return math.ceil(math.log(torch.finfo(dtype).tiny))
+
+
 def decay(log_decay: Tensor) -> Tensor:
     """``exp(log_decay)`` with results below the dtype's normal range flushed to zero.
 
@@ -131,7 +136,7 @@ def decay(log_decay: Tensor) -> Tensor:
     just below ``log(finfo.tiny)`` (about -87.3, which a decay summed over a chunk often is)
     runs about 30x slower than in range, and of ``-inf`` about 2x (docs/performance.md).
     """
-    floor = math.ceil(math.log(torch.finfo(log_decay.dtype).tiny))  # -87 for float32: exp(floor) is normal
+    floor = _decay_floor(log_decay.dtype)
     return torch.where(log_decay >= floor, torch.exp(log_decay.clamp(min=floor)), 0.0)
 
 
@@ -153,7 +158,7 @@ def decay_matrix(a: Tensor) -> Tensor:
     diff = rounded[..., :, None] - rounded[..., None, :]  # [..., i, j]
     diff += remainder[..., :, None]
     diff -= remainder[..., None, :]
-    floor = math.ceil(math.log(torch.finfo(a.dtype).tiny))
+    floor = _decay_floor(a.dtype)
     lower = torch.ones(T, T, dtype=torch.bool, device=a.device).tril()
     keep = (diff >= floor) & lower
     return diff.clamp_(min=floor).exp_().masked_fill_(~keep, 0.0)
