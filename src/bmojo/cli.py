@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 from bmojo import __version__
+from bmojo.allocator import keep_freed_memory
 from bmojo.bench import add_bench_parser
 from bmojo.config import LM_SIZES, PRESETS, ModelConfig
 from bmojo.data.prepare import add_data_parser
@@ -546,6 +547,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    keep_freed_memory()
     try:
         return args.func(args)
     except (ValueError, FileNotFoundError) as err:

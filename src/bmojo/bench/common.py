@@ -21,6 +21,7 @@ from typing import Any, TypeVar
 import torch
 from tqdm import tqdm
 
+from bmojo import allocator
 from bmojo.config import LM_SIZES, PRESETS, ModelConfig
 from bmojo.data.tokenizer import BYTE_VOCAB_SIZE
 from bmojo.models.sizing import matched_model, param_count
@@ -245,10 +246,10 @@ def progress_bar(total: int, desc: str, enabled: bool) -> tqdm:
 
 
 def machine_info(device: torch.device) -> dict[str, Any]:
-    """Device, torch version and CPU threads, for the header and the JSON document."""
+    """Device, torch version, CPU threads and allocator, for the header and the JSON document."""
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     return {"device": str(device), "device_name": name, "torch": torch.__version__,
-            "threads": torch.get_num_threads()}
+            "threads": torch.get_num_threads(), "allocator": allocator.STATUS}
 
 
 def format_bytes(n: int) -> str:

@@ -184,6 +184,7 @@ def run_decode(args: argparse.Namespace) -> int:
           f"shapes {settings.size} (widths matched to bmojo's parameters), vocab {settings.vocab}, batch 1, "
           f"{settings.decode_steps} decoded tokens per run, {settings.repeats} repeats, {settings.warmup} warmup",
           flush=True)
+    print(f"allocator: {info['allocator']}", flush=True)
     models, results = benchmark_decode(settings, device, progress=not args.no_progress)
     for arch, model in models.items():
         print(f"{arch:<12} {model.num_params():>11,} params  d_model {model.config.d_model}")

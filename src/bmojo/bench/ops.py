@@ -345,6 +345,7 @@ def run_ops(args: argparse.Namespace) -> int:
         f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch {args.batch}, "
         f"{args.repeats} repeats, {args.warmup} warmup, device {device} ({machine_info(device)['device_name']})"
     )
+    print(f"allocator: {machine_info(device)['allocator']}")
     print(
         f"ssd: sequential (baseline) vs chunked (fast); heads={SSD_HEADS} p={SSD_HEAD_DIM} "
         f"groups={SSD_GROUPS} n={SSD_STATE}; sequential timed with "

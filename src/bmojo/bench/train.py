@@ -208,6 +208,7 @@ def run_train(args: argparse.Namespace) -> int:
     print(f"torch {info['torch']}, device {info['device']} ({info['device_name']}), {info['threads']} threads; "
           f"shapes {settings.size} (widths matched to bmojo's parameters), vocab {settings.vocab}, "
           f"batch {settings.batch}, {settings.repeats} repeats, {settings.warmup} warmup", flush=True)
+    print(f"allocator: {info['allocator']}", flush=True)
     models, matmul, results = benchmark_train(settings, device, progress=not args.no_progress)
     for arch, model in models.items():
         print(f"{arch:<12} {model.num_params():>11,} params  d_model {model.config.d_model}")
