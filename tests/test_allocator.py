@@ -64,3 +64,15 @@ def test_a_users_allocator_choice_is_kept(monkeypatch, environ, expected):
     monkeypatch.setattr(allocator, "STATUS", allocator.STATUS)
     assert allocator.keep_freed_memory(environ) == expected
     assert allocator.STATUS == expected
+
+
+def test_the_cli_keeps_freed_memory_except_where_it_measures_process_memory(monkeypatch, tmp_path):
+    from bmojo import cli
+
+    calls = []
+    monkeypatch.setattr(cli, "keep_freed_memory", lambda: calls.append(True))
+    assert cli.main(["eval", "--ckpt", str(tmp_path / "missing")]) == 2  # any command: applied first
+    assert calls == [True]
+    calls.clear()
+    assert cli.main(["bench", "context", "--quick", "--no-progress", "--lengths", "bad"]) == 2
+    assert calls == []  # bench context reads RssAnon: glibc must hand freed blocks back

@@ -9,8 +9,9 @@ the process (``mallopt(M_MMAP_MAX, 0)`` and a 2 GiB trim threshold): large block
 heap and stay there for the next step, as with jemalloc or tcmalloc, which PyTorch's CPU
 performance guide recommends. The price is that the process keeps up to 2 GiB of freed memory.
 
-The ``bmojo`` command line applies it before any command runs (:func:`bmojo.cli.main`). A user
-who chose an allocator (``LD_PRELOAD``) or set glibc's own ``MALLOC_*`` variables keeps it,
+The ``bmojo`` command line applies it before every command but ``bench context``, which measures
+the process's memory and would count the kept blocks (:func:`bmojo.cli.main`). A user who chose
+an allocator (``LD_PRELOAD``) or set glibc's own ``MALLOC_*`` variables keeps it,
 ``BMOJO_ALLOCATOR=system`` leaves malloc as it is, and :data:`STATUS` says which happened.
 """
 

@@ -547,7 +547,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    keep_freed_memory()
+    if getattr(args, "keep_freed_memory", True):  # a command that measures process memory says False
+        keep_freed_memory()
     try:
         return args.func(args)
     except (ValueError, FileNotFoundError) as err:

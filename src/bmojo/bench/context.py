@@ -95,7 +95,9 @@ def add_context_parser(subparsers) -> None:
     parser.add_argument("--json", action="store_true", help="print the rows as one JSON document on the last line")
     parser.add_argument("--quick", action="store_true", help="tiny shapes and lengths, a few seconds")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-    parser.set_defaults(func=run_context)
+    # It measures the process's memory: with glibc's default allocator freed large blocks go back
+    # to the system at once, so RssAnon is what is live (bmojo.allocator; docs/storage.md).
+    parser.set_defaults(func=run_context, keep_freed_memory=False)
 
 
 def build_model(args: argparse.Namespace) -> LanguageModel:

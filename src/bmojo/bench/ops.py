@@ -341,11 +341,12 @@ def run_ops(args: argparse.Namespace) -> int:
     require_at_least(args.batch, 1, "--batch")
     device = resolve_device(args.device)
     torch.manual_seed(0)
+    info = machine_info(device)
     print(
         f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch {args.batch}, "
-        f"{args.repeats} repeats, {args.warmup} warmup, device {device} ({machine_info(device)['device_name']})"
+        f"{args.repeats} repeats, {args.warmup} warmup, device {device} ({info['device_name']})"
     )
-    print(f"allocator: {machine_info(device)['allocator']}")
+    print(f"allocator: {info['allocator']}")
     print(
         f"ssd: sequential (baseline) vs chunked (fast); heads={SSD_HEADS} p={SSD_HEAD_DIM} "
         f"groups={SSD_GROUPS} n={SSD_STATE}; sequential timed with "
@@ -373,7 +374,7 @@ def run_ops(args: argparse.Namespace) -> int:
         print(verdict)
     if args.json:
         config = {"lengths": lengths, "repeats": args.repeats, "warmup": args.warmup, "batch": args.batch,
-                  "quick": args.quick, **machine_info(device)}
+                  "quick": args.quick, **info}
         document = {
             "config": config,
             "results": [asdict(r) for r in results],
