@@ -140,10 +140,12 @@ class _BlockAttention(torch.autograd.Function):
     ``mem_bias``: one softmax over the ``K + M`` scores (float32). Returns ``[b, hkv, nq, R, dh]``.
 
     Autograd through the same ops writes and reads the ``[R, K + M]`` scores about ten times
-    (concatenation, scaling, masking, softmax, each with its backward); here they are computed
-    into one buffer, masked and normalised in place, and the backward is the standard
-    ``dS = P ∘ (dP - rowsum(dO ∘ O))``. Tested equal, outputs and gradients, to
-    :func:`union_attention_reference` (tests/ops/test_attention.py).
+    (concatenation, scaling, masking, softmax, each with its backward); here the masking writes
+    both key sets' scores into one buffer, softmax normalises it, and the backward is the
+    standard ``dS = P ∘ (dP - rowsum(dO ∘ O))``, per key set. Every batched matmul writes a
+    contiguous result: ``torch.bmm(out=...)`` into a strided view of the union runs one matrix
+    at a time, about twice as slow (docs/performance.md). Tested equal, outputs and gradients,
+    to :func:`union_attention_reference` (tests/ops/test_attention.py).
     """
 
     @staticmethod
@@ -152,14 +154,14 @@ class _BlockAttention(torch.autograd.Function):
         C = bias.shape[-2]
         K, M = k.shape[3], 0 if mem_k is None else mem_k.shape[3]
         n = b * hkv * nq
-        scores = q.new_empty(n, R, K + M)
-        torch.bmm(q.reshape(n, R, dh), k.reshape(n, K, dh).mT, out=scores[..., :K])
+
+        def key_scores(query, keys):  # one key set's scores, [b, hkv, nq, R/C, C, keys]
+            return torch.bmm(query.reshape(n, R, dh), keys.reshape(n, -1, dh).mT).view(b, hkv, nq, R // C, C, -1)
+
+        scores = q.new_empty(b, hkv, nq, R // C, C, K + M, dtype=torch.float32)
+        torch.add(key_scores(q, k), bias, out=scores[..., :K])
         if M:
-            torch.bmm(q_mem.reshape(n, R, dh), mem_k.reshape(n, M, dh).mT, out=scores[..., K:])
-        scores = scores.float().view(b, hkv, nq, R // C, C, K + M)
-        scores[..., :K] += bias
-        if M:
-            scores[..., K:] += mem_bias
+            torch.add(key_scores(q_mem, mem_k), mem_bias, out=scores[..., K:])
         probs = torch.softmax(scores.view(n, R, K + M), dim=-1)  # [n, R, K+M], float32
         p = probs.to(v.dtype)
         out = torch.bmm(p[..., :K], v.reshape(n, K, dh))
@@ -175,19 +177,16 @@ class _BlockAttention(torch.autograd.Function):
         b, hkv, nq, R, dh = q.shape
         n, K, M = probs.shape[0], k.shape[3], probs.shape[2] - k.shape[3]
         d_out = d_out.reshape(n, R, dh).contiguous()
-        d_probs = d_out.new_empty(n, R, K + M)
-        torch.bmm(d_out, v.reshape(n, K, dh).mT, out=d_probs[..., :K])
-        if M:
-            torch.bmm(d_out, mem_v.reshape(n, M, dh).mT, out=d_probs[..., K:])
         row = (d_out.float() * out.float()).sum(-1, keepdim=True)  # = rowsum(dP ∘ P), [n, R, 1]
-        d_scores = d_probs.float().sub_(row).mul_(probs).to(q.dtype)  # [n, R, K+M]
         p = probs.to(v.dtype)
 
         def grads(query, keys, values, cols):  # one key set's d query, d keys, d values
             shape = keys.shape
-            keys, values, ds, pc = keys.reshape(n, -1, dh), values.reshape(n, -1, dh), d_scores[..., cols], p[..., cols]
-            return (torch.bmm(ds, keys), torch.bmm(ds.mT, query.reshape(n, R, dh)).view(shape),
-                    torch.bmm(pc.mT, d_out).view(shape))
+            keys, values, query = keys.reshape(n, -1, dh), values.reshape(n, -1, dh), query.reshape(n, R, dh)
+            d_probs = torch.bmm(d_out, values.mT)  # [n, R, keys]
+            d_scores = d_probs.float().sub_(row).mul_(probs[..., cols]).to(q.dtype)
+            return (torch.bmm(d_scores, keys), torch.bmm(d_scores.mT, query).view(shape),
+                    torch.bmm(p[..., cols].mT, d_out).view(shape))
 
         dq, dk, dv = grads(q, k, v, slice(0, K))
         dq_mem = dmem_k = dmem_v = None
