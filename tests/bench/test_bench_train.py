@@ -104,3 +104,27 @@ def test_cuda_without_cuda_is_a_value_error(bench, tmp_path):
 def test_unknown_size_is_a_value_error(bench, tmp_path):
     with pytest.raises(ValueError, match="--size: unknown size 'huge'"):
         bench(["train", "--size", "huge", "--plot-dir", str(tmp_path)])
+
+
+def test_compile_times_the_compiled_models(bench, json_line, tmp_path):
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    code, out = bench(["train", "--quick", "--compile", "--archs", "transformer", "--lengths", "16", "--precision",
+                       "fp32", "--repeats", "1", "--json", "--no-progress", "--plot-dir", str(tmp_path)])
+    assert code == 0
+    assert json_line(out)["settings"]["compile"] is True
+    assert "models: torch.compile (inductor" in out
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] > 0  # dynamo compiled the model's graphs
+
+
+def test_compile_without_a_cxx_compiler_is_a_value_error(bench, monkeypatch, tmp_path):
+    from torch._inductor import cpp_builder
+    from torch._inductor.exc import InvalidCxxCompiler
+
+    def no_compiler():
+        raise InvalidCxxCompiler
+
+    monkeypatch.setattr(cpp_builder, "get_cpp_compiler", no_compiler)
+    with pytest.raises(ValueError, match="--compile: torch.compile on CPU needs a C\\+\\+ compiler"):
+        bench(["train", "--quick", "--compile", "--archs", "transformer", "--lengths", "16", "--no-progress",
+               "--plot-dir", str(tmp_path)])

@@ -8,6 +8,10 @@ the trainer's: forward under the precision's autocast, cross-entropy plus the au
 gradients dropped; no optimizer update. The ratio to transformer is the median, over repetitions, of
 ``transformer step time / arch step time`` within the same round (> 1: faster than transformer).
 FLOP/s and utilisation: :mod:`bmojo.bench.flops`.
+
+With ``--compile`` every model runs under ``torch.compile`` (the whole model, inductor), compiled anew
+for each precision and length during its first, untimed step (the memory step): the measurement of the
+``torch.compile`` lever of the performance issue, for every architecture alike.
 """
 
 from __future__ import annotations
@@ -20,7 +24,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch._dynamo
 import torch.nn.functional as F
+from torch import nn
 
 from bmojo.bench.common import (
     REFERENCE_ARCH,
@@ -66,6 +72,7 @@ class TrainSettings:
     warmup: int
     matmul_size: int
     seed: int
+    compile: bool
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> TrainSettings:
@@ -77,6 +84,7 @@ class TrainSettings:
             batch=require_at_least(flag_or_preset(args, preset, "batch"), 1, "--batch"),
             precisions=parse_choices(flag_or_preset(args, preset, "precision"), "--precision", PRECISION_DTYPES),
             matmul_size=require_at_least(flag_or_preset(args, preset, "matmul_size"), 1, "--matmul-size"),
+            compile=args.compile,
         )
 
 
@@ -110,12 +118,16 @@ def add_train_parser(subparsers) -> None:
     parser.add_argument("--matmul-size", type=int, default=None,
                         help=f"side of the square matmul that measures the machine's FLOP/s; a small one "
                              f"underestimates the peak (utilisation over 100%%) (default: {DEFAULTS['matmul_size']})")
+    parser.add_argument("--compile", action="store_true",
+                        help="time every model under torch.compile (inductor), compiled for each precision and "
+                             "length in its first, untimed step; on CPU this needs a C++ compiler")
     add_common_arguments(parser, default_repeats=DEFAULTS["repeats"])
     parser.set_defaults(func=run_train)
 
 
-def make_train_step(model: LanguageModel, tokens: torch.Tensor, precision: str) -> Callable[[], None]:
-    """A closure running one training step of ``model`` on ``tokens [B, L+1]`` (module docstring)."""
+def make_train_step(model: nn.Module, tokens: torch.Tensor, precision: str) -> Callable[[], None]:
+    """A closure running one training step of ``model`` (a :class:`LanguageModel`, or one compiled with
+    ``torch.compile``) on ``tokens [B, L+1]`` (module docstring)."""
     inputs, labels = tokens[:, :-1], tokens[:, 1:]
     device_type = tokens.device.type
 
@@ -134,10 +146,33 @@ def paired_ratio(reference_s: list[float], arch_s: list[float]) -> float:
     return statistics.median(r / a for r, a in zip(reference_s, arch_s, strict=True))
 
 
+def check_compiler(device: torch.device) -> None:
+    """``ValueError`` (one line) when ``--compile`` cannot work here: inductor on CPU builds C++."""
+    if device.type != "cpu":
+        return
+    from torch._inductor.cpp_builder import get_cpp_compiler
+    from torch._inductor.exc import InvalidCxxCompiler
+
+    try:
+        get_cpp_compiler()
+    except InvalidCxxCompiler as err:
+        raise ValueError("--compile: torch.compile on CPU needs a C++ compiler (g++ or clang++; set CXX), "
+                         "none was found") from err
+
+
+def compiled_models(models: dict[str, LanguageModel]) -> dict[str, nn.Module]:
+    """Each model under a fresh ``torch.compile`` (static shapes), after dropping every graph compiled
+    before: a new precision or length compiles anew, never against the recompilation limit."""
+    torch._dynamo.reset()
+    return {arch: torch.compile(model, dynamic=False) for arch, model in models.items()}
+
+
 def benchmark_train(settings: TrainSettings, device: torch.device, progress: bool = True
                     ) -> tuple[dict[str, LanguageModel], dict[str, Spread], list[TrainResult]]:
     """Build the models, measure the matmul throughput and every (precision, length, arch) step.
     Returns the models, the matmul FLOP/s per precision and the results."""
+    if settings.compile:
+        check_compiler(device)
     configs = matched_configs(settings.archs, settings.shapes, settings.vocab)
     torch.manual_seed(settings.seed)
     models = {arch: LanguageModel(config).to(device) for arch, config in configs.items()}
@@ -150,7 +185,8 @@ def benchmark_train(settings: TrainSettings, device: torch.device, progress: boo
         for precision in settings.precisions:
             for length in settings.lengths:
                 tokens = torch.randint(0, settings.vocab, (settings.batch, length + 1), generator=generator).to(device)
-                steps = {arch: make_train_step(model, tokens, precision) for arch, model in models.items()}
+                runnable = compiled_models(models) if settings.compile else models
+                steps = {arch: make_train_step(model, tokens, precision) for arch, model in runnable.items()}
                 peaks = {}
                 for arch, step in steps.items():
                     bar.set_postfix_str(f"{precision} L={length} {arch} (memory)")
@@ -208,6 +244,8 @@ def run_train(args: argparse.Namespace) -> int:
     print(f"torch {info['torch']}, device {info['device']} ({info['device_name']}), {info['threads']} threads; "
           f"shapes {settings.size} (widths matched to bmojo's parameters), vocab {settings.vocab}, "
           f"batch {settings.batch}, {settings.repeats} repeats, {settings.warmup} warmup", flush=True)
+    print("models: " + ("torch.compile (inductor, static shapes), compiled in the first step of each precision "
+                        "and length" if settings.compile else "eager"), flush=True)
     print(f"allocator: {info['allocator']}", flush=True)
     models, matmul, results = benchmark_train(settings, device, progress=not args.no_progress)
     for arch, model in models.items():
@@ -228,7 +266,8 @@ def run_train(args: argparse.Namespace) -> int:
             "settings": {"archs": settings.archs, "size": settings.size, "shapes": settings.shapes,
                          "vocab": settings.vocab, "lengths": settings.lengths, "batch": settings.batch,
                          "precisions": settings.precisions, "repeats": settings.repeats,
-                         "warmup": settings.warmup, "matmul_size": settings.matmul_size, "seed": settings.seed},
+                         "warmup": settings.warmup, "matmul_size": settings.matmul_size, "seed": settings.seed,
+                         "compile": settings.compile},
             "models": {arch: {"params": m.num_params(), "d_model": m.config.d_model} for arch, m in models.items()},
             "matmul_flops": matmul,
             "peak_memory": peak_memory_measure(device),
