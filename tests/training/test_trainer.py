@@ -186,3 +186,19 @@ def test_tensorboard_logging(tmp_path):
                       tmp_path, progress=False)
     trainer.fit()
     assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
+
+
+def test_compile_trains_through_the_compiled_forward_and_checkpoints_the_model(tmp_path):
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    trainer = Trainer(tiny_model(), train_config(max_steps=2, checkpoint_every=2, compile=True), copy_batches,
+                      tmp_path, progress=False)
+    assert trainer.train_module is not trainer.model
+    result = trainer.fit()
+    assert result.steps == 2 and math.isfinite(result.train_loss)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] > 0  # the forward ran compiled
+    resumed = Trainer(tiny_model(seed=1), train_config(max_steps=2, checkpoint_every=2), copy_batches, tmp_path,
+                      progress=False)
+    resumed.resume()  # the checkpoint holds the model's own parameter names, loadable without compile
+    for (name, p), (_, q) in zip(trainer.model.named_parameters(), resumed.model.named_parameters(), strict=True):
+        torch.testing.assert_close(p, q, msg=name)

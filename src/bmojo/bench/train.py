@@ -49,6 +49,7 @@ from bmojo.bench.common import (
 )
 from bmojo.bench.flops import PRECISION_DTYPES, matmul_throughput, train_step_flops
 from bmojo.bench.memory import peak_bytes, peak_memory_measure
+from bmojo.compilation import compile_static
 from bmojo.models.lm import LanguageModel
 
 DEFAULTS = {"lengths": "512,1024,2048,4096,8192,16384", "batch": 1, "precision": "bf16,fp32", "repeats": 5,
@@ -146,33 +147,17 @@ def paired_ratio(reference_s: list[float], arch_s: list[float]) -> float:
     return statistics.median(r / a for r, a in zip(reference_s, arch_s, strict=True))
 
 
-def check_compiler(device: torch.device) -> None:
-    """``ValueError`` (one line) when ``--compile`` cannot work here: inductor on CPU builds C++."""
-    if device.type != "cpu":
-        return
-    from torch._inductor.cpp_builder import get_cpp_compiler
-    from torch._inductor.exc import InvalidCxxCompiler
-
-    try:
-        get_cpp_compiler()
-    except InvalidCxxCompiler as err:
-        raise ValueError("--compile: torch.compile on CPU needs a C++ compiler (g++ or clang++; set CXX), "
-                         "none was found") from err
-
-
-def compiled_models(models: dict[str, LanguageModel]) -> dict[str, nn.Module]:
+def compiled_models(models: dict[str, LanguageModel], device: torch.device) -> dict[str, nn.Module]:
     """Each model under a fresh ``torch.compile`` (static shapes), after dropping every graph compiled
     before: a new precision or length compiles anew, never against the recompilation limit."""
     torch._dynamo.reset()
-    return {arch: torch.compile(model, dynamic=False) for arch, model in models.items()}
+    return {arch: compile_static(model, device, "--compile") for arch, model in models.items()}
 
 
 def benchmark_train(settings: TrainSettings, device: torch.device, progress: bool = True
                     ) -> tuple[dict[str, LanguageModel], dict[str, Spread], list[TrainResult]]:
     """Build the models, measure the matmul throughput and every (precision, length, arch) step.
     Returns the models, the matmul FLOP/s per precision and the results."""
-    if settings.compile:
-        check_compiler(device)
     configs = matched_configs(settings.archs, settings.shapes, settings.vocab)
     torch.manual_seed(settings.seed)
     models = {arch: LanguageModel(config).to(device) for arch, config in configs.items()}
@@ -185,7 +170,7 @@ def benchmark_train(settings: TrainSettings, device: torch.device, progress: boo
         for precision in settings.precisions:
             for length in settings.lengths:
                 tokens = torch.randint(0, settings.vocab, (settings.batch, length + 1), generator=generator).to(device)
-                runnable = compiled_models(models) if settings.compile else models
+                runnable = compiled_models(models, device) if settings.compile else models
                 steps = {arch: make_train_step(model, tokens, precision) for arch, model in runnable.items()}
                 peaks = {}
                 for arch, step in steps.items():

@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from tqdm import tqdm
 
+from bmojo.compilation import compile_static
 from bmojo.data.synthetic import IGNORE_INDEX
 from bmojo.models.lm import LanguageModel
 from bmojo.serialization import from_dict_strict
@@ -78,6 +79,7 @@ class TrainConfig:
     target_accuracy: float | None = None
     max_nonfinite: int = 5
     tensorboard: bool = False  # also log metrics to out_dir/tensorboard (needs the tensorboard package)
+    compile: bool = False  # the training forward under torch.compile, static shapes (docs/performance.md)
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -175,6 +177,8 @@ class Trainer:
         self.precision, self.precision_reason = self.dist.broadcast(resolve_precision(config.precision, self.device))
         groups = _param_names_by_group(self.model, config.weight_decay)
         self.train_module = wrap_model(self.model, self.dist, self.device, self.precision)
+        if config.compile:
+            self.train_module = compile_static(self.train_module, self.device, "compile=True")
         params = dict(self.model.named_parameters())
         self.optimizer = torch.optim.AdamW([{**group, "params": [params[name] for name in group["params"]]}
                                             for group in groups], lr=config.lr, betas=(config.beta1, config.beta2))
