@@ -211,10 +211,11 @@ def _train_side_by_side(runs: list[tuple[RecallRun, Path]], device: str | None, 
             done = sum(runs[i][0].train.max_steps if i in rows else _steps_done(runs[i][1]) for i in range(len(runs)))
             bar.update(done - bar.n)
             time.sleep(0.5)
-        pool.close()
+        pool.close()  # every run is done: let the workers exit on their own, their resources released
+        pool.join()
         return [rows[i] for i in range(len(runs))]
     finally:
-        pool.terminate()
+        pool.terminate()  # a failed run (or Ctrl-C) stops the others; a no-op once the workers have exited
         pool.join()
         bar.close()
 
