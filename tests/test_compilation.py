@@ -5,8 +5,9 @@ from torch import nn
 from bmojo.compilation import compile_static
 
 
+@pytest.mark.requires_cxx
 def test_compiled_module_shares_the_weights_and_computes_the_same():
-    torch._dynamo.reset()
+    torch.compiler.reset()
     module = nn.Linear(4, 3)
     compiled = compile_static(module, torch.device("cpu"), "--compile")
     x = torch.randn(2, 4)

@@ -8,13 +8,19 @@ from torch import nn
 
 
 def compile_static(module: nn.Module, device: torch.device, option: str) -> nn.Module:
-    """``module`` under ``torch.compile(dynamic=False)``: compiled on its first call at each new
-    input shape, the weights shared with ``module``. ``ValueError`` (one line, naming the user's
-    ``option``) where inductor cannot build kernels: on CPU it needs a C++ compiler."""
-    if device.type == "cpu":
-        from torch._inductor.cpp_builder import get_cpp_compiler
-        from torch._inductor.exc import InvalidCxxCompiler
+    """``module`` under ``torch.compile(dynamic=False)``, the weights shared with ``module``.
 
+    It compiles on its first call and again at each new input shape, autocast state or
+    train/eval mode; past dynamo's recompilation limit (8 per function) further variants run
+    eagerly, with dynamo's warning. ``ValueError`` (one line, naming the user's ``option``)
+    where inductor cannot build kernels: on CPU it needs a C++ compiler (checked through
+    inductor's own lookup where this PyTorch has it)."""
+    if device.type == "cpu":
+        try:
+            from torch._inductor.cpp_builder import get_cpp_compiler
+            from torch._inductor.exc import InvalidCxxCompiler
+        except ImportError:  # an older inductor: its first compile reports a missing compiler itself
+            return torch.compile(module, dynamic=False)
         try:
             get_cpp_compiler()
         except InvalidCxxCompiler as err:

@@ -336,6 +336,19 @@ def test_bf16_output_dtype():
     torch.testing.assert_close(ref.float(), ref32, atol=3e-2, rtol=3e-2)
 
 
+def test_bf16_gradients_match_the_fp32_reference():
+    inputs = make_inputs(40, 2, 4, 6, 8, seed=13)
+    kwargs = dict(window=5, fading_span=4, chunk_size=8)  # blocked path: raw window, fading tokens and memory
+    bf = {n: t if t is None or n == "mem_pos" else t.to(torch.bfloat16) for n, t in inputs.items()}
+    out, grads = run_with_grads(union_attention_chunked, bf, **kwargs)
+    up = {n: t if t is None or n == "mem_pos" else t.float() for n, t in bf.items()}
+    out32, grads32 = run_with_grads(union_attention_reference, up, **kwargs)
+    assert out.dtype == torch.bfloat16 and grads.keys() == grads32.keys() and len(grads) == len(GRAD_NAMES)
+    for name, grad in grads.items():
+        assert grad.dtype == torch.bfloat16, name
+        torch.testing.assert_close(grad.float(), grads32[name], atol=5e-2, rtol=5e-2, msg=name)
+
+
 @pytest.mark.parametrize("fn", [union_attention_chunked, union_attention_reference])
 def test_invalid_arguments(fn):
     inputs = make_inputs(10, 2, 2, 4, 4, seed=0)

@@ -156,7 +156,8 @@ class _BlockAttention(torch.autograd.Function):
         n = b * hkv * nq
 
         def key_scores(query, keys):  # one key set's scores, [b, hkv, nq, R/C, C, keys]
-            return torch.bmm(query.reshape(n, R, dh), keys.reshape(n, -1, dh).mT).view(b, hkv, nq, R // C, C, -1)
+            return torch.bmm(query.reshape(n, R, dh), keys.reshape(n, keys.shape[3], dh).mT).view(
+                b, hkv, nq, R // C, C, keys.shape[3])
 
         scores = q.new_empty(b, hkv, nq, R // C, C, K + M, dtype=torch.float32)
         torch.add(key_scores(q, k), bias, out=scores[..., :K])
@@ -182,7 +183,8 @@ class _BlockAttention(torch.autograd.Function):
 
         def grads(query, keys, values, cols):  # one key set's d query, d keys, d values
             shape = keys.shape
-            keys, values, query = keys.reshape(n, -1, dh), values.reshape(n, -1, dh), query.reshape(n, R, dh)
+            keys, values = keys.reshape(n, shape[3], dh), values.reshape(n, shape[3], dh)
+            query = query.reshape(n, R, dh)
             d_probs = torch.bmm(d_out, values.mT)  # [n, R, keys]
             d_scores = d_probs.float().sub_(row).mul_(probs[..., cols]).to(q.dtype)
             return (torch.bmm(d_scores, keys), torch.bmm(d_scores.mT, query).view(shape),

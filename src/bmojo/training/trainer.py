@@ -148,7 +148,8 @@ class Trainer:
     ``distributed`` (from :func:`bmojo.training.distributed.init_distributed`) makes this
     process one of a data-parallel job: DDP, or FSDP2 when ``distributed.fsdp``; ``device``
     is then this process's device. ``self.model`` is the model itself (sharded in place under
-    FSDP2), ``self.train_module`` what the training forward runs through (the DDP wrapper).
+    FSDP2), ``self.parallel_module`` the model in its data-parallel wrapper (DDP) or the model, and
+    ``self.train_module`` what the training forward runs through: that, or it compiled (``compile``).
     """
 
     def __init__(
@@ -176,9 +177,11 @@ class Trainer:
         # "auto" measures the CPU: every process takes rank 0's choice
         self.precision, self.precision_reason = self.dist.broadcast(resolve_precision(config.precision, self.device))
         groups = _param_names_by_group(self.model, config.weight_decay)
-        self.train_module = wrap_model(self.model, self.dist, self.device, self.precision)
-        if config.compile:
-            self.train_module = compile_static(self.train_module, self.device, "compile=True")
+        if config.compile and self.dist.fsdp:
+            raise ValueError("compile=True does not combine with FSDP2 (--fsdp) here; use DDP or one process")
+        self.parallel_module = wrap_model(self.model, self.dist, self.device, self.precision)
+        self.train_module = (compile_static(self.parallel_module, self.device, "compile=True") if config.compile
+                             else self.parallel_module)
         params = dict(self.model.named_parameters())
         self.optimizer = torch.optim.AdamW([{**group, "params": [params[name] for name in group["params"]]}
                                             for group in groups], lr=config.lr, betas=(config.beta1, config.beta2))
@@ -246,8 +249,8 @@ class Trainer:
     def _gradient_sync(self, last_micro: bool):
         """DDP all-reduces gradients only on a step's last micro-batch (FSDP2 reduce-scatters
         every one, which keeps the accumulated gradients sharded)."""
-        if isinstance(self.train_module, torch.nn.parallel.DistributedDataParallel) and not last_micro:
-            return self.train_module.no_sync()
+        if isinstance(self.parallel_module, torch.nn.parallel.DistributedDataParallel) and not last_micro:
+            return self.parallel_module.no_sync()
         return contextlib.nullcontext()
 
     def train_step(self) -> dict[str, float] | None:
