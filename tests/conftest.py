@@ -1,7 +1,7 @@
-import shutil
-
 import pytest
 import torch
+
+from bmojo.compilation import require_cxx_compiler
 
 
 def pytest_configure(config):
@@ -9,12 +9,13 @@ def pytest_configure(config):
 
 
 def pytest_collection_modifyitems(config, items):
-    if any(shutil.which(cxx) for cxx in ("g++", "c++", "clang++")):
-        return
-    skip = pytest.mark.skip(reason="no C++ compiler here: torch.compile on CPU needs one")
-    for item in items:
-        if "requires_cxx" in item.keywords:
-            item.add_marker(skip)
+    try:
+        require_cxx_compiler("tests")
+    except ValueError as err:
+        skip = pytest.mark.skip(reason=str(err))
+        for item in items:
+            if "requires_cxx" in item.keywords:
+                item.add_marker(skip)
 
 
 @pytest.fixture(autouse=True)

@@ -144,7 +144,7 @@ class _BlockAttention(torch.autograd.Function):
     both key sets' scores into one buffer, softmax normalises it, and the backward is the
     standard ``dS = P ∘ (dP - rowsum(dO ∘ O))``, per key set. Every batched matmul writes a
     contiguous result: ``torch.bmm(out=...)`` into a strided view of the union runs one matrix
-    at a time, about twice as slow (docs/performance.md). Tested equal, outputs and gradients,
+    at a time, at about 0.6× the speed (docs/performance.md). Tested equal, outputs and gradients,
     to :func:`union_attention_reference` (tests/ops/test_attention.py).
     """
 
