@@ -9,9 +9,11 @@ parallel forward of ``N`` random tokens that fills the cache (timed); then ``--d
 architectures are interleaved (:func:`~bmojo.bench.common.run_interleaved`); median and range over
 ``--repeats`` runs. Batch 1, fp32 weights, no gradients.
 
-The prefill is the model's own parallel forward, one call over the whole context: its memory grows
-linearly with ``N`` for every architecture (full causal attention runs as a fused flash kernel, the
-other mixers chunk their work), plus the ``[N, vocab]`` logits. Cache bytes: the tensors of
+The prefill is the model's own parallel forward, one call over the whole context. Its memory grows
+linearly with ``N`` where SDPA has a fused kernel for the shapes (the CPU's flash kernel; on CUDA,
+head dims that are multiples of 8, or bf16) and the other mixers chunk their work, plus the
+``[N, vocab]`` logits; full causal attention in fp32 with other head dims runs SDPA's math kernel,
+whose ``[H, N, N]`` scores grow with ``N²``. Cache bytes: the tensors of
 ``model.new_cache(1, max_seq_len=N)``; full attention's grow with ``N``, the others' are fixed.
 """
 
