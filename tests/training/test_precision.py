@@ -14,7 +14,7 @@ def measured_speedup(monkeypatch):
     """Make the CPU probe report a chosen bf16/fp32 speed ratio instead of timing matmuls."""
     def set_speedup(ratio: float) -> None:
         seconds = {torch.float32: 1.0, torch.bfloat16: 1.0 / ratio}
-        monkeypatch.setattr(precision_module, "_matmul_seconds", lambda dtype: seconds[dtype])
+        monkeypatch.setattr(precision_module, "_matmul_seconds", lambda: seconds)
         precision_module.cpu_bf16_speedup.cache_clear()
 
     yield set_speedup
@@ -70,3 +70,9 @@ def test_the_trainer_runs_and_logs_the_resolved_precision(tmp_path, measured_spe
     logged = next(e for e in events if e.get("event") == "precision")
     assert logged["precision"] == ("bf16" if autocast else "fp32")
     assert "measured" in logged["reason"]
+
+
+def test_the_cpu_probe_times_both_dtypes_after_a_warm_up():
+    seconds = precision_module._matmul_seconds(repeats=2, warmup_s=0.001)
+    assert seconds.keys() == {torch.float32, torch.bfloat16}
+    assert all(0 < s < 1 for s in seconds.values())
