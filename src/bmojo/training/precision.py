@@ -7,7 +7,8 @@ emulates bf16 matmuls: on a 2-core AVX-512F machine a bf16 matmul ran at ~46 GFL
 autocast; on a 2-core AMD EPYC with AVX512-BF16 a 512² bf16 matmul runs ~2.1× faster than
 fp32. ``auto`` therefore measures rather than guesses: on CPU it times bf16 and fp32 matmuls
 (about 0.1 s, once per process) and takes bf16 only if it is faster; on CUDA it takes bf16
-where the GPU supports it. The choice and its reason are returned so that callers can say which path ran.
+where the GPU supports it. The choice and its reason are returned so that callers can say
+which path ran.
 """
 
 from __future__ import annotations
