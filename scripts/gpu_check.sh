@@ -6,22 +6,22 @@
 #   STAGE=bench  `bmojo bench ops`, then `bench train` one length at a time and `bench decode`
 #                one context at a time, each call in its own log, so a run cut short by its
 #                time limit keeps every measurement finished before: 8.5 minutes at most.
-# STAGE=all (the default) runs both. Everything goes to files in $OUT (default runs/gpu); each
+# STAGE=all runs both (past one device call, except with QUICK). STAGE has no default. Everything goes to files in $OUT (default runs/gpu); each
 # step has its own time limit, so a slow step cannot take the others' time.
 #
 #   STAGE=tests bash scripts/gpu_check.sh; STAGE=bench bash scripts/gpu_check.sh  # on the GPU
-#   DEVICE=cpu QUICK=1 bash scripts/gpu_check.sh   # a dry run of the script itself, anywhere
+#   DEVICE=cpu QUICK=1 STAGE=all bash scripts/gpu_check.sh   # a dry run of the script, anywhere
 #
 # It needs python3 with torch, numpy, safetensors, tqdm, matplotlib and pytest, and no install:
 # the package runs from src/.
 set -uo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/.." || exit 2
 
 OUT=${OUT:-runs/gpu}
 DEVICE=${DEVICE:-cuda}
 PYTHON=${PYTHON:-python3}
 SIZE=${SIZE:-125m}
-STAGE=${STAGE:-all}
+STAGE=${STAGE:-}
 case $STAGE in tests | bench | all) ;; *) echo "STAGE must be tests, bench or all, not '$STAGE'" >&2; exit 2 ;; esac
 if [ -n "${QUICK:-}" ]; then  # the benchmarks' tiny smoke-test shapes, one call each
     ops_shapes=(--quick) train_runs=(quick) decode_runs=(quick)

@@ -12,7 +12,7 @@ def test_param_count_equals_the_built_model():
     assert param_count(config) == LanguageModel(config).num_params()
 
 
-@pytest.mark.parametrize("arch", ["transformer", "mamba2", "hybrid"])
+@pytest.mark.parametrize("arch", ["transformer", "swa", "mamba2", "hybrid", "bmojo-f"])
 def test_matched_width_is_the_closest_parameter_count(arch):
     base = DemoSettings().base_model
     target = param_count(ModelConfig.preset("bmojo", **base, vocab_size=256))

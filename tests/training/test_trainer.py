@@ -38,8 +38,9 @@ def copy_batches(step, micro):
 
 
 def train_config(**overrides):
+    # fp32: "auto" picks bf16 by timing a matmul, where bf16 is fast, and the tests compare runs
     base = dict(lr=3e-3, warmup_steps=2, max_steps=6, batch_size=4, eval_every=100, log_every=1,
-                checkpoint_every=3)
+                checkpoint_every=3, precision="fp32")
     return TrainConfig(**{**base, **overrides})
 
 
@@ -195,8 +196,7 @@ def test_tensorboard_logging(tmp_path):
 def test_compile_trains_like_eager_and_checkpoints_the_model(tmp_path):
     torch.compiler.reset()
     counters.clear()
-    # fp32: "auto" picks bf16 from a timing, and compiled and eager bf16 round differently
-    config = train_config(max_steps=2, checkpoint_every=2, precision="fp32")
+    config = train_config(max_steps=2, checkpoint_every=2)
     compiled = Trainer(tiny_model(), dataclasses.replace(config, compile=True), copy_batches, tmp_path / "compiled",
                        progress=False)
     assert compiled.train_module is not compiled.model
