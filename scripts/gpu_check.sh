@@ -6,8 +6,9 @@
 #   STAGE=bench  `bmojo bench ops`, then `bench train` one length at a time and `bench decode`
 #                one context at a time, each call in its own log, so a run cut short by its
 #                time limit keeps every measurement finished before: 8.5 minutes at most.
-# STAGE=all runs both (past one device call, except with QUICK). STAGE has no default. Everything goes to files in $OUT (default runs/gpu); each
-# step has its own time limit, so a slow step cannot take the others' time.
+# STAGE=all runs both (more than one device call, except with QUICK); STAGE has no default.
+# Everything goes to files in $OUT (default runs/gpu); each step has its own time limit, so a
+# slow step cannot take the others' time.
 #
 #   STAGE=tests bash scripts/gpu_check.sh; STAGE=bench bash scripts/gpu_check.sh  # on the GPU
 #   DEVICE=cpu QUICK=1 STAGE=all bash scripts/gpu_check.sh   # a dry run of the script, anywhere

@@ -11,7 +11,7 @@ architectures are interleaved (:func:`~bmojo.bench.common.run_interleaved`); med
 
 The prefill is the model's own parallel forward, one call over the whole context. Its memory grows
 linearly with ``N`` where SDPA has a fused kernel for the shapes (the CPU's flash kernel; on CUDA,
-head dims that are multiples of 8, or bf16) and the other mixers chunk their work, plus the
+head dims that are multiples of 4 in fp32, of 8 in bf16) and the other mixers chunk their work, plus the
 ``[N, vocab]`` logits; full causal attention in fp32 with other head dims runs SDPA's math kernel,
 whose ``[H, N, N]`` scores grow with ``N²``. Cache bytes: the tensors of
 ``model.new_cache(1, max_seq_len=N)``; full attention's grow with ``N``, the others' are fixed.
