@@ -70,6 +70,7 @@ class ModelConfig:
     innovation_rank: int = 0  # 0: full-rank predictor Φ
     ssm_residual: bool = True
     tie_fading_proj: bool = True
+    qkv_conv: int = 0  # K: causal depthwise convolution of width K over q, k, v (F, B layers); 0: none
     # long-term eidetic memory in storage (B layers, DESIGN.md §5): off while storage_blocks = 0
     storage_blocks: int = 0  # r: blocks each chunk retrieves
     storage_block_size: int | None = None  # S: tokens per stored block (default chunk_size)
@@ -161,6 +162,8 @@ class ModelConfig:
             require(isinstance(self.fading_span, int) and self.fading_span >= 0, "fading_span",
                     "must be an integer >= 0")
             positive_int("chunk_size")
+            require(isinstance(self.qkv_conv, int) and not isinstance(self.qkv_conv, bool) and self.qkv_conv >= 0,
+                    "qkv_conv", "must be an integer >= 0 (0: no convolution)")
         if "B" in kinds:
             positive_int("eidetic_per_chunk")
             require(self.eidetic_per_chunk <= self.chunk_size, "eidetic_per_chunk",

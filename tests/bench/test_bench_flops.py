@@ -1,3 +1,5 @@
+import dataclasses
+
 import pytest
 import torch
 
@@ -43,6 +45,9 @@ def test_bmojo_step_flops_by_hand():
     assert (breakdown.matmul, breakdown.predictor) == (6 * macs * 6, 4 * predictor * 6)
     assert (breakdown.attention, breakdown.ssd) == (3 * 4 * 4 * 2 * pairs, 3 * ssd)
     assert train_step_flops(config, batch=1, seq_len=6) == expected == 164160
+    # A convolution of width 3 over q, k, v (8 + 8 + 8 channels): 24 * 3 more multiply-adds per token.
+    with_conv = dataclasses.replace(config, qkv_conv=3)
+    assert step_flops_breakdown(with_conv, batch=1, seq_len=6).matmul == 6 * (macs + 24 * 3) * 6
 
 
 def test_matmul_flops_are_six_per_parameter_and_token_for_a_transformer():

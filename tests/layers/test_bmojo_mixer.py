@@ -34,14 +34,14 @@ def make_mixer(seed: int = 0, *, n_kv_heads: int = 2, window: int = W, fading_sp
                chunk_size: int = C, k: int = K, capacity: int = M, policy: str = "score",
                selection: str = "topk", threshold: float | None = None, rope: str = "none",
                qk_norm: bool = True, ssm_residual: bool = True, tie: bool = True,
-               rank: int = 0) -> BMojoMixer:
+               rank: int = 0, qkv_conv: int = 0) -> BMojoMixer:
     torch.manual_seed(seed)
     mixer = BMojoMixer(
         D_MODEL, H, n_kv_heads, window=window, fading_span=fading_span, chunk_size=chunk_size,
         eidetic_per_chunk=k, eidetic_capacity=capacity, eidetic_policy=policy,
         selection=selection, innovation_threshold=threshold, eidetic_rope=rope,
         selection_seed=SEED_RANDOM_SELECTION, innovation_rank=rank, ssm_residual=ssm_residual,
-        tie_fading_proj=tie, qk_norm=qk_norm, d_state=8, ssm_headdim=16,
+        tie_fading_proj=tie, qk_norm=qk_norm, d_state=8, ssm_headdim=16, qkv_conv=qkv_conv,
     )
     with torch.no_grad():
         for name, p in mixer.named_parameters():
@@ -139,9 +139,17 @@ def plain_bmojo(mixer: BMojoMixer, x: torch.Tensor, tau: float | None = None,
             return t
         return t / torch.sqrt(t.pow(2).mean(-1, keepdim=True) + 1e-5) * module.weight
 
-    q = norm((x @ mixer.q_proj.weight.T).reshape(b, length, H, DH), mixer.q_norm)
-    k = norm((x @ mixer.k_proj.weight.T).reshape(b, length, hkv, DH), mixer.k_norm)
-    v = (x @ mixer.v_proj.weight.T).reshape(b, length, hkv, DH)
+    q, k, v = x @ mixer.q_proj.weight.T, x @ mixer.k_proj.weight.T, x @ mixer.v_proj.weight.T
+    if mixer.qkv_conv is not None:  # channel c at t: bias[c] + sum_j w[c, K-1-j] x[t-j, c], zeros before 0
+        qkv = torch.cat([q, k, v], -1)
+        w, width = mixer.qkv_conv.weight[:, 0], mixer.qkv_conv.weight.shape[-1]
+        bias = mixer.qkv_conv.bias
+        conv = torch.stack([bias + sum(w[:, width - 1 - j] * qkv[:, t - j] for j in range(min(width, t + 1)))
+                            for t in range(length)], 1)
+        q, k, v = conv.split([q.shape[-1], k.shape[-1], v.shape[-1]], -1)
+    q = norm(q.reshape(b, length, H, DH), mixer.q_norm)
+    k = norm(k.reshape(b, length, hkv, DH), mixer.k_norm)
+    v = v.reshape(b, length, hkv, DH)
     wkf = (mixer.kf_proj or mixer.k_proj).weight
     wvf = (mixer.vf_proj or mixer.v_proj).weight
     kf = norm((f @ wkf.T).reshape(b, length, hkv, DH), mixer.k_norm)
@@ -283,7 +291,7 @@ def _cache_tensors(cache) -> dict:
            "raw.k": cache.raw.k, "raw.pos": cache.raw.pos, "prev_f": cache.prev_f}
     if cache.fading is not None:
         out.update({"fading.k": cache.fading.k, "fading.v": cache.fading.v})
-    for name in ("mem_k", "mem_v", "mem_pos", "mem_score", "cand_k", "cand_v", "cand_score"):
+    for name in ("mem_k", "mem_v", "mem_pos", "mem_score", "cand_k", "cand_v", "cand_score", "qkv_conv_state"):
         if getattr(cache, name) is not None:
             out[name] = getattr(cache, name)
     return out
@@ -373,6 +381,44 @@ def test_parallel_equals_recurrent_other_configs(fading_span: int, capacity: int
         _check_decoding(mixer, x, prefix, None, checkpoints=(21,))
 
 
+@pytest.mark.parametrize("width", [1, 2, 4])
+@pytest.mark.parametrize(("policy", "rope", "capacity"), [("score", "none", M), ("fifo", "window_edge", M),
+                                                         ("score", "absolute", 0)])
+def test_qkv_conv_forward_gradients_and_decoding(width: int, policy: str, rope: str, capacity: int) -> None:
+    """The optional convolution over q, k, v: forward and gradients equal the plain reference
+    (which convolves by hand), and prefill + decoding equal the parallel form."""
+    mixer = make_mixer(seed=23, policy=policy, rope=rope, capacity=capacity, qkv_conv=width)
+    x = make_input(30, seed=24).requires_grad_(True)
+    x2 = x.detach().clone().requires_grad_(True)
+    g = torch.randn(BATCH, 30, D_MODEL, generator=torch.Generator().manual_seed(25))
+    params = [p for n, p in mixer.named_parameters() if not n.startswith("predictor")]
+    got_y = mixer(x)
+    want_y = plain_bmojo(mixer, x2)
+    torch.testing.assert_close(got_y, want_y, atol=1e-5, rtol=1e-5)
+    got = torch.autograd.grad((got_y * g).sum(), [x, *params])
+    want = torch.autograd.grad((want_y * g).sum(), [x2, *params])
+    for a, e in zip(got, want, strict=True):
+        torch.testing.assert_close(a, e, atol=1e-4, rtol=1e-4)
+    for prefix in (0, 1, 7):
+        _check_decoding(mixer, make_input(seed=26), prefix, None, checkpoints=(17, 50))
+
+
+def test_qkv_conv_carries_the_previous_token_into_the_key() -> None:
+    """With the convolution's taps on the previous position only, the key and value at ``t``
+    are the projections of ``x_{t-1}``: what makes one layer's memory hold "the value after
+    this key"."""
+    mixer = make_mixer(seed=27, qk_norm=False, qkv_conv=2)
+    with torch.no_grad():
+        mixer.qkv_conv.weight.zero_()
+        mixer.qkv_conv.weight[:, 0, 0] = 1.0  # tap 0 of width 2: position t-1
+        mixer.qkv_conv.bias.zero_()
+        x = make_input(9, seed=28)
+        _, q, k, v, *_ = mixer._project(x, 0, None)
+        torch.testing.assert_close(k[:, 1:].flatten(-2), mixer.k_proj(x[:, :-1]))
+        torch.testing.assert_close(v[:, 1:].flatten(-2), mixer.v_proj(x[:, :-1]))
+        assert (k[:, 0] == 0).all() and (q[:, 0] == 0).all()
+
+
 def test_cache_layout() -> None:
     mixer = make_mixer(seed=16)
     cache = mixer.new_cache(BATCH)
@@ -429,6 +475,9 @@ def test_extra_parameters_by_config() -> None:
     assert extra(capacity=4, selection="random") == set()
     assert extra(capacity=4, selection="recent") == set()
     assert extra(capacity=0, tie=False) == {"kf_proj", "vf_proj"}
+    assert extra(capacity=4, qkv_conv=4) == {"predictor", "qkv_conv"}
+    conv = make_mixer(qkv_conv=3).qkv_conv  # depthwise over the channels of q, k, v
+    assert tuple(conv.weight.shape) == (D_MODEL + 2 * 2 * DH, 1, 3) and conv.bias is not None
     low_rank = make_mixer(capacity=4, rank=3).predictor
     assert [tuple(p.shape) for p in low_rank.parameters()] == [(3, D_MODEL), (D_MODEL, 3)]
 
@@ -438,6 +487,8 @@ def test_bad_config_raises() -> None:
         make_mixer(rope="relative")
     with pytest.raises(ValueError):
         make_mixer(k=3, capacity=4)  # capacity must be a multiple of k
+    with pytest.raises(ValueError, match="qkv_conv"):
+        make_mixer(qkv_conv=-1)
 
 
 # ------------------------------------------------------------------------ gradients

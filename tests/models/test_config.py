@@ -85,6 +85,8 @@ def test_unused_fields_are_ignored():
         ("bmojo", {"storage_block_size": 0}, "storage_block_size"),
         ("bmojo", {"storage_budget_bytes": -1}, "storage_budget_bytes"),
         ("bmojo", {"storage_overflow": "drop"}, "storage_overflow"),
+        ("bmojo-f", {"qkv_conv": -1}, "qkv_conv"),
+        ("bmojo", {"qkv_conv": True}, "qkv_conv"),
     ],
 )
 def test_invalid_values_name_the_field(preset, overrides, field):

@@ -75,7 +75,8 @@ def test_chunked_prefill_equals_full_forward(name, ends):
                                      dict(eidetic_rope="window_edge"), dict(innovation_threshold=1.0),
                                      dict(qk_norm=True, tie_fading_proj=False, innovation_rank=4),
                                      dict(ssm_residual=False), dict(chunk_size=6, eidetic_per_chunk=3,
-                                                                    eidetic_capacity=6)])
+                                                                    eidetic_capacity=6),
+                                     dict(qkv_conv=4)])
 def test_bmojo_variants_decode_equals_full_forward(variant):
     model = tiny_model("bmojo", **variant)
     x = tokens()
@@ -269,6 +270,8 @@ def test_state_size_by_hand():
     assert tiny_model("bmojo-f").state_size_bytes() == 2 * bmojo_f
     memory = M * (kv + 8 + fp32) + C * (kv + fp32)  # slots (k, v, pos, score) + chunk candidates
     assert tiny_model("bmojo").state_size_bytes() == 2 * (bmojo_f + memory)
+    qkv = (TINY["n_heads"] + 2 * hkv) * dh  # channels of the optional convolution over q, k, v: its last 3 inputs
+    assert tiny_model("bmojo", qkv_conv=4).state_size_bytes() == 2 * (bmojo_f + memory + 3 * qkv * fp32)
 
 
 def test_num_params_counts_tied_embedding_once():

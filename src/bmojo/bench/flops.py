@@ -6,7 +6,8 @@ A multiply-add is 2 FLOPs. For ``batch`` sequences of ``L`` tokens (``T = batch 
 
 - ``P_mm``: multiply-adds per token of the weight matmuls: every ``nn.Linear`` (``in * out``; the LM head
   too, though its weight is tied to the embedding, whose lookup costs nothing) and every depthwise
-  convolution weight (Mamba-2's ``conv1d``, one multiply-add per weight per token). A B'MOJO layer
+  convolution weight (Mamba-2's ``conv1d`` and B'MOJO's optional ``qkv_conv``, one multiply-add per
+  weight per token). A B'MOJO layer
   with tied fading projections applies ``k_proj`` and ``v_proj`` twice per token (to its input and
   to the SSM output), and they count twice. Forward 2 FLOPs per multiply-add, backward 4 (the
   gradients of the input and of the weight): 6 in all.
@@ -117,6 +118,8 @@ def step_flops_breakdown(config: ModelConfig, batch: int, seq_len: int) -> StepF
         if isinstance(mixer, BMojoMixer):
             if mixer.fading_span > 0 and mixer.kf_proj is None:  # tied: k_proj and v_proj also project f
                 matmul_macs += _linear_macs(mixer.k_proj) + _linear_macs(mixer.v_proj)
+            if mixer.qkv_conv is not None:
+                matmul_macs += mixer.qkv_conv.weight.numel()
             memory = mixer.eidetic_capacity, mixer.eidetic_per_chunk, mixer.chunk_size
             pairs = attention_pairs(seq_len, mixer.window, mixer.fading_span, *memory)
             attention += 4 * mixer.head_dim * mixer.n_heads * pairs

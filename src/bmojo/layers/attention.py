@@ -47,9 +47,13 @@ class Attention(nn.Module):
 
     def project_qkv(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """``x [B, L, D]`` -> unrotated, QK-normed ``q [B, L, H, dh]``, ``k, v [B, L, Hkv, dh]``."""
-        q = self.q_proj(x).unflatten(-1, (self.n_heads, self.head_dim))
-        k = self.project_key(self.k_proj(x))
-        v = self.v_proj(x).unflatten(-1, (self.n_kv_heads, self.head_dim))
+        return self.split_heads(self.q_proj(x), self.k_proj(x), self.v_proj(x))
+
+    def split_heads(self, q_flat: Tensor, k_flat: Tensor, v_flat: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Projections ``[B, L, H*dh]``, ``[B, L, Hkv*dh]`` (twice) -> heads, QK-norm applied."""
+        q = q_flat.unflatten(-1, (self.n_heads, self.head_dim))
+        k = self.project_key(k_flat)
+        v = v_flat.unflatten(-1, (self.n_kv_heads, self.head_dim))
         if self.q_norm is not None:
             q = self.q_norm(q)
         return q, k, v

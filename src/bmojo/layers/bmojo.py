@@ -6,6 +6,13 @@ stored entries best matching the previous chunk's queries, retrieved from a bloc
 (``storage_source="evicted"``) or the raw tokens older than the window (``"raw"``).
 ``eidetic_capacity=0`` is B'MOJO-F (the `F` layer).
 
+``qkv_conv = K > 0`` (an option this implementation adds to DESIGN.md §3.2, off by default)
+runs a causal depthwise convolution of width ``K`` over the ``q, k, v`` projections, as
+Mamba-2 does over its ``x, B, C`` and Primer over its queries, keys and values: the key
+of a token can then carry the tokens just before it, so one layer's eidetic memory can
+answer "which value followed this key" (docs/results.md, "A short convolution over q, k,
+v").
+
 The parameters of the attention part have the same names as :class:`Attention`'s, so a
 sliding-window layer's weights load into it (DESIGN.md §8.4).
 """
@@ -23,6 +30,7 @@ from bmojo.layers.attention import Attention
 from bmojo.layers.kv_buffer import KVBuffer
 from bmojo.layers.mamba2 import Mamba2Cache, Mamba2Mixer
 from bmojo.ops.attention import union_attention_chunked, union_attention_step
+from bmojo.ops.conv import causal_depthwise_conv1d
 from bmojo.ops.eidetic import (
     POLICIES,
     SELECTIONS,
@@ -79,6 +87,7 @@ class BMojoCache:
     ret_pos: Tensor | None = None  # [B, r*S]: positions of their entries, -1 = empty
     ret_k: Tensor | None = None  # [B, r*S, Hkv, dh]
     ret_v: Tensor | None = None  # [B, r*S, Hkv, dh]
+    qkv_conv_state: Tensor | None = None  # [B, K-1, (H + 2 Hkv) dh]: the last K-1 q, k, v projections
 
 
 class BMojoMixer(Attention):
@@ -116,6 +125,7 @@ class BMojoMixer(Attention):
         storage_budget_bytes: int = 0,
         storage_overflow: str = "error",
         storage_source: str = "raw",
+        qkv_conv: int = 0,
     ):
         storage_block_size = chunk_size if storage_block_size is None else storage_block_size
         checks = [
@@ -137,6 +147,7 @@ class BMojoMixer(Attention):
             ("storage_source", storage_source in STORAGE_SOURCES, f"one of {STORAGE_SOURCES}"),
             ("storage_source", storage_source != "evicted" or storage_blocks == 0 or eidetic_capacity > 0,
              "'raw' in a layer without eidetic memory (eidetic_capacity=0): nothing is evicted"),
+            ("qkv_conv", isinstance(qkv_conv, int) and qkv_conv >= 0, "an integer >= 0 (0: no convolution)"),
         ]
         for name, ok, allowed in checks:
             if not ok:
@@ -174,6 +185,10 @@ class BMojoMixer(Attention):
                 self.predictor = nn.Sequential(nn.Linear(d_model, d_model, bias=False))
             for layer in self.predictor:
                 nn.init.zeros_(layer.weight)
+        self.qkv_conv = None
+        if qkv_conv > 0:  # depthwise over the channels of q, k, v; PyTorch's default init, as Mamba-2's conv1d
+            channels = (n_heads + 2 * n_kv_heads) * self.head_dim
+            self.qkv_conv = nn.Conv1d(channels, channels, qkv_conv, groups=channels, padding=qkv_conv - 1)
 
     @property
     def has_memory(self) -> bool:
@@ -263,13 +278,33 @@ class BMojoMixer(Attention):
     def forward(self, x: Tensor, cache: BMojoCache | None = None, start: int = 0) -> Tensor:
         return self.forward_with_aux(x, cache, start)[0]
 
-    def _project(self, x: Tensor, start: int, ssm_cache: Mamba2Cache | None) -> tuple[Tensor, ...]:
+    def _project_qkv(self, x: Tensor, cache: BMojoCache | None, start: int) -> tuple[Tensor, Tensor, Tensor]:
+        """``x [B, L, D]`` at positions ``start ..`` -> ``q [B, L, H, dh]``, ``k, v [B, L, Hkv, dh]``
+        (unrotated). With ``qkv_conv``, the convolution continues from the cache's last
+        projections when ``start > 0`` (zeros before position 0), and the cache keeps the new last ones."""
+        if self.qkv_conv is None:
+            return self.project_qkv(x)
+        qkv = torch.cat([self.q_proj(x), self.k_proj(x), self.v_proj(x)], -1)  # [B, L, (H + 2 Hkv) dh]
+        weight, bias = self.qkv_conv.weight, self.qkv_conv.bias
+        if cache is None:
+            qkv = causal_depthwise_conv1d(qkv, weight, bias)
+        else:
+            n_past = cache.qkv_conv_state.shape[1]  # K - 1
+            past = cache.qkv_conv_state.to(qkv.dtype) if start > 0 else torch.zeros_like(cache.qkv_conv_state,
+                                                                                          dtype=qkv.dtype)
+            extended = torch.cat([past, qkv], 1)  # [B, K-1+L, (H + 2 Hkv) dh]
+            cache.qkv_conv_state.copy_(extended[:, extended.shape[1] - n_past:].detach())
+            qkv = causal_depthwise_conv1d(extended, weight, bias)[:, n_past:]
+        q_dim, kv_dim = self.q_proj.out_features, self.k_proj.out_features
+        return self.split_heads(*qkv.split([q_dim, kv_dim, kv_dim], -1))
+
+    def _project(self, x: Tensor, start: int, cache: BMojoCache | None) -> tuple[Tensor, ...]:
         """``x [B, L, D]`` at positions ``start ..`` -> the SSM output ``f [B, L, D]``, the
         unrotated and rotated ``q [B, L, H, dh]`` and ``k [B, L, Hkv, dh]``, ``v``, and the
         fading tokens ``kf, vf`` (``None`` without fading span)."""
         positions = torch.arange(start, start + x.shape[1], device=x.device)
-        f = self.ssm(x, ssm_cache, start)
-        q, k, v = self.project_qkv(x)
+        f = self.ssm(x, None if cache is None else cache.ssm, start)
+        q, k, v = self._project_qkv(x, cache, start)
         cos, sin = self.rope(positions)
         q_rot, k_rot = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         kf, vf = self.fading_kv(f, cos, sin) if self.fading_span > 0 else (None, None)
@@ -341,7 +376,7 @@ class BMojoMixer(Attention):
         W, Fs, C = self.window, self.fading_span, self.chunk_size
         if start == 0:
             self._clear(cache)
-        f, q, k, v, q_rot, k_rot, kf, vf = self._project(x, start, cache.ssm)
+        f, q, k, v, q_rot, k_rot, kf, vf = self._project(x, start, cache)
         aux = x.new_zeros((), dtype=torch.float32)
         slot_pos, slot_k, slot_v = [], [], []  # per new query chunk: [B, nq, n] positions, [B, nq, n, Hkv, dh]
         if self.has_memory or self.has_storage:
@@ -509,7 +544,7 @@ class BMojoMixer(Attention):
         W, Fs = self.window, self.fading_span
         t = position
         f = self.ssm.step(x, cache.ssm)  # [B, D]
-        q, k, v = self.project_qkv(x[:, None])  # [B, 1, ., dh]
+        q, k, v = self._project_qkv(x[:, None], cache, t)  # [B, 1, ., dh]
         cos, sin = self.rope(torch.tensor([t], device=x.device))
         q_rot, k_rot = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         cache.raw.write(k_rot, v, t)
@@ -594,6 +629,9 @@ class BMojoMixer(Attention):
                     if self.fading_span > 0 else None),
             prev_f=torch.zeros(batch_size, self.ssm.d_model, device=device, dtype=dtype),
         )
+        if self.qkv_conv is not None:
+            channels, width = self.qkv_conv.in_channels, self.qkv_conv.kernel_size[0]
+            cache.qkv_conv_state = torch.zeros(batch_size, width - 1, channels, device=device, dtype=dtype)
         if self.has_memory:
             cache.mem_pos, cache.mem_score = empty_memory(batch_size, M, device)
             cache.mem_k = torch.zeros(batch_size, M, hkv, dh, device=device, dtype=dtype)

@@ -56,7 +56,7 @@ def build_mixer(kind: str, cfg: ModelConfig) -> nn.Module:
         ssm_headdim=cfg.ssm_headdim, ssm_ngroups=cfg.ssm_ngroups,
         storage_blocks=cfg.storage_blocks if kind == "B" else 0, storage_block_size=cfg.storage_block_size,
         storage_budget_bytes=cfg.storage_budget_bytes, storage_overflow=cfg.storage_overflow,
-        storage_source=cfg.storage_source,
+        storage_source=cfg.storage_source, qkv_conv=cfg.qkv_conv,
     )
 
 
