@@ -138,12 +138,17 @@ def test_union_attention_on_the_device_matches_the_dense_reference_on_the_cpu(wi
     assert_close_on_cpu(grads_of(out, on_device), grads_of(out_ref, on_cpu))
 
 
-@pytest.mark.parametrize("name", list(PRESETS))
-def test_every_architecture_on_the_device_matches_the_cpu_with_gradients(name):
+# Every architecture, and B'MOJO with the optional convolution over q, k, v.
+MODELS = [(name, {}) for name in PRESETS] + [("bmojo", {"qkv_conv": 4})]
+MODEL_IDS = [name + ("+qkv_conv" if overrides else "") for name, overrides in MODELS]
+
+
+@pytest.mark.parametrize(("name", "overrides"), MODELS, ids=MODEL_IDS)
+def test_every_architecture_on_the_device_matches_the_cpu_with_gradients(name, overrides):
     x = tokens()
     results = []
     for device in (torch.device("cpu"), DEVICE):
-        model = tiny_model(name).to(device)
+        model = tiny_model(name, **overrides).to(device)
         out = model(x.to(device))
         loss = F.cross_entropy(out.logits[:, :-1].flatten(0, 1), x[:, 1:].to(device).flatten()) + out.aux_loss
         loss.backward()
@@ -154,10 +159,10 @@ def test_every_architecture_on_the_device_matches_the_cpu_with_gradients(name):
     assert_close_on_cpu(accelerated, cpu)
 
 
-@pytest.mark.parametrize("name", list(PRESETS))
-def test_prefill_and_decoding_on_the_device_equal_the_full_forward(name):
+@pytest.mark.parametrize(("name", "overrides"), MODELS, ids=MODEL_IDS)
+def test_prefill_and_decoding_on_the_device_equal_the_full_forward(name, overrides):
     """A prefill in two pieces (the second continues from the cache), then one token at a time."""
-    model = tiny_model(name).to(DEVICE).eval()
+    model = tiny_model(name, **overrides).to(DEVICE).eval()
     x = tokens().to(DEVICE)
     with torch.no_grad():
         full = model(x).logits
