@@ -290,9 +290,8 @@ class BMojoMixer(Attention):
             qkv = causal_depthwise_conv1d(qkv, weight, bias)
         else:
             n_past = cache.qkv_conv_state.shape[1]  # K - 1
-            past = cache.qkv_conv_state.to(qkv.dtype) if start > 0 else torch.zeros_like(cache.qkv_conv_state,
-                                                                                          dtype=qkv.dtype)
-            extended = torch.cat([past, qkv], 1)  # [B, K-1+L, (H + 2 Hkv) dh]
+            past = cache.qkv_conv_state if start > 0 else torch.zeros_like(cache.qkv_conv_state)  # zeros before 0
+            extended = torch.cat([past.to(qkv.dtype), qkv], 1)  # [B, K-1+L, (H + 2 Hkv) dh]
             cache.qkv_conv_state.copy_(extended[:, extended.shape[1] - n_past:].detach())
             qkv = causal_depthwise_conv1d(extended, weight, bias)[:, n_past:]
         q_dim, kv_dim = self.q_proj.out_features, self.k_proj.out_features
