@@ -1,4 +1,4 @@
-"""The `bmojo` command line: `demo`, `data`, `train`, `eval`, `generate`, `inspect`, `bench`, `smoke`."""
+"""The `bmojo` command line: `demo`, `data`, `train`, `eval`, `generate`, `inspect`, `curves`, `bench`, `smoke`."""
 
 from __future__ import annotations
 
@@ -337,6 +337,19 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_curves(args: argparse.Namespace) -> int:
+    from bmojo.evaluation.curves import format_curves, plot_curves, read_curve
+
+    labels = args.labels.split(",") if args.labels is not None else [None] * len(args.runs)
+    if len(labels) != len(args.runs):
+        raise ValueError(f"--labels has {len(labels)} names for {len(args.runs)} runs")
+    curves = [read_curve(run, args.metric, label) for run, label in zip(args.runs, labels, strict=True)]
+    print(format_curves(curves))
+    plot_curves(curves, args.png, args.log_y)
+    print(f"plot: {args.png}")
+    return 0
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
     from bmojo.data.tokenizer import load_tokenizer
     from bmojo.models.lm import LanguageModel
@@ -449,6 +462,16 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("--seed", type=int, default=0, help="which test example")
     inspect.add_argument("--png", default=None, help="heat map path (default: CKPT/memory.png)")
     inspect.set_defaults(func=cmd_inspect)
+
+    curves = sub.add_parser("curves", help="learning curves of training runs: a metric against the step",
+                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    curves.add_argument("runs", nargs="+", help="run directories (the --out of bmojo train)")
+    curves.add_argument("--metric", default="eval_accuracy",
+                        help="a metric of the runs' metrics.jsonl, e.g. eval_accuracy, loss, accuracy, grad_norm")
+    curves.add_argument("--labels", default=None, help="comma list, one per run; none: the directory names")
+    curves.add_argument("--png", default="curves.png", help="plot path")
+    curves.add_argument("--log-y", action="store_true", help="logarithmic y axis (for losses)")
+    curves.set_defaults(func=cmd_curves)
 
     smoke = sub.add_parser("smoke", help="build, train a few steps and decode every preset (seconds)",
                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)

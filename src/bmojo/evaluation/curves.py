@@ -1,0 +1,86 @@
+"""Learning curves of training runs: one metric against the step, read from each run's
+``metrics.jsonl`` (written by :class:`bmojo.training.Trainer`), as a table and a plot.
+
+Small models learn recall abruptly and at run-dependent steps, so two runs are compared by
+their curves, not by one final number (``../shared/MEASUREMENTS.md``).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+METRICS_FILE = "metrics.jsonl"
+
+
+@dataclass
+class Curve:
+    """One run's values of ``metric`` by step, in step order."""
+
+    label: str
+    metric: str
+    steps: list[int]
+    values: list[float]
+
+
+def read_curve(run_dir: str | Path, metric: str = "eval_accuracy", label: str | None = None) -> Curve:
+    """The ``metric`` records of ``run_dir/metrics.jsonl``. A resumed run logs the steps after its
+    last checkpoint twice; the later record of a step is the one kept (the run that continued)."""
+    path = Path(run_dir) / METRICS_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist: give the --out directory of a bmojo train run")
+    by_step: dict[int, float] = {}
+    seen: set[str] = set()
+    lines = path.read_text().splitlines()
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            if number == len(lines):  # a run killed mid-write leaves a partial last line
+                break
+            raise ValueError(f"{path}, line {number}: not JSON ({err.msg})") from err
+        seen.update(k for k, v in record.items() if isinstance(v, int | float) and not isinstance(v, bool))
+        if metric in record:
+            by_step[int(record["step"])] = float(record[metric])
+    if not by_step:
+        available = sorted(seen - {"step"})
+        raise ValueError(f"{path} has no {metric!r} records; its metrics are {available}")
+    steps = sorted(by_step)
+    return Curve(label or Path(run_dir).name, metric, steps, [by_step[s] for s in steps])
+
+
+def format_curves(curves: list[Curve]) -> str:
+    """A table with one row per step any run logged and one column per run (``-``: not logged)."""
+    steps = sorted({s for curve in curves for s in curve.steps})
+    width = max(8, *(len(curve.label) for curve in curves))
+    lookup = [dict(zip(curve.steps, curve.values, strict=True)) for curve in curves]
+    lines = [f"{'step':>7} " + " ".join(f"{curve.label:>{width}}" for curve in curves)]
+    for step in steps:
+        cells = [f"{values[step]:>{width}.4g}" if step in values else f"{'-':>{width}}" for values in lookup]
+        lines.append(f"{step:>7} " + " ".join(cells))
+    return "\n".join(lines)
+
+
+def plot_curves(curves: list[Curve], path: str | Path, log_y: bool = False) -> None:
+    """One line per run, ``metric`` against the step."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    for curve in curves:
+        ax.plot(curve.steps, curve.values, marker="o", markersize=3, label=curve.label)
+    metrics = sorted({curve.metric for curve in curves})
+    ax.set_xlabel("step")
+    ax.set_ylabel(", ".join(metrics))
+    if log_y:
+        ax.set_yscale("log")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
