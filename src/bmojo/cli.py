@@ -342,11 +342,16 @@ def cmd_curves(args: argparse.Namespace) -> int:
 
     labels = args.labels.split(",") if args.labels is not None else [None] * len(args.runs)
     if len(labels) != len(args.runs):
-        raise ValueError(f"--labels has {len(labels)} names for {len(args.runs)} runs")
-    curves = [read_curve(run, args.metric, label) for run, label in zip(args.runs, labels, strict=True)]
-    print(format_curves(curves))
-    plot_curves(curves, args.png, args.log_y)
-    print(f"plot: {args.png}")
+        raise ValueError(f"--labels names {len(labels)} run(s), but {len(args.runs)} were given")
+    try:
+        curves = [read_curve(run, args.metric, label) for run, label in zip(args.runs, labels, strict=True)]
+        print(format_curves(curves))
+        png = plot_curves(curves, args.png, args.log_y)
+    except (FileNotFoundError, ValueError):
+        raise
+    except OSError as err:  # unreadable metrics, unwritable plot path
+        raise ValueError(str(err)) from err
+    print(f"plot: {png}")
     return 0
 
 

@@ -27,8 +27,7 @@ def test_reads_one_metric_in_step_order(tmp_path):
     assert read_curve(run, "loss", label="mine") == Curve("mine", "loss", [10, 20], [3.0, 2.0])
 
 
-def test_a_resumed_run_keeps_the_later_record_of_a_step(tmp_path):
-    # Killed after step 30, resumed from the step-20 checkpoint: step 30 is logged again.
+def test_a_step_logged_twice_keeps_its_later_record(tmp_path):
     run = write_metrics(tmp_path / "r", [{"step": 20, "loss": 2.0}, {"step": 30, "loss": 1.9},
                                          {"step": 30, "loss": 1.7}, {"step": 40, "loss": 1.5}])
     assert read_curve(run, "loss").values == [2.0, 1.7, 1.5]
@@ -42,10 +41,20 @@ def test_a_partial_last_line_is_skipped_and_a_broken_line_elsewhere_is_an_error(
         read_curve(broken, "loss")
 
 
-def test_unknown_metric_and_missing_run_say_what_exists(tmp_path):
-    run = write_metrics(tmp_path / "a", [{"step": 10, "loss": 3.0, "lr": 1e-3}])
-    with pytest.raises(ValueError, match=r"no 'eval_loss' records; its metrics are \['loss', 'lr'\]"):
-        read_curve(run, "eval_loss")
+@pytest.mark.parametrize("line", ["3", "null", '["step", 10]', '{"loss": 1.0}', '{"step": "ten", "loss": 1.0}'])
+def test_a_line_that_is_not_a_record_is_an_error(tmp_path, line):
+    run = write_metrics(tmp_path / "a", [{"step": 10, "loss": 2.0}], tail=line + "\n" + '{"step": 20, "loss": 1.0}\n')
+    with pytest.raises(ValueError, match="line 2: not a metrics record"):
+        read_curve(run, "loss")
+
+
+def test_unknown_or_non_numeric_metric_and_missing_run_say_what_exists(tmp_path):
+    run = write_metrics(tmp_path / "a", [{"step": 0, "event": "precision", "precision": "fp32"},
+                                         {"step": 10, "loss": 3.0, "lr": 1e-3, "skipped": True}])
+    for metric in ("eval_loss", "precision", "skipped"):
+        expected = rf"no numeric '{metric}' records; its numeric metrics are \['loss', 'lr'\]"
+        with pytest.raises(ValueError, match=expected):
+            read_curve(run, metric)
     with pytest.raises(FileNotFoundError, match="bmojo train"):
         read_curve(tmp_path / "missing")
 
@@ -69,4 +78,11 @@ def test_curves_command_on_real_training_runs(tmp_path, capsys):
     assert [row.split()[0] for row in out[1:3]] == ["2", "4"]  # the evaluations of --eval-every 2
     assert png.stat().st_size > 0 and out[-1] == f"plot: {png}"
     assert main(["curves", str(tmp_path / "low"), "--labels", "a,b", "--png", str(png)]) == 2
-    assert "--labels has 2 names for 1 runs" in capsys.readouterr().err
+    assert "--labels names 2 run(s), but 1 were given" in capsys.readouterr().err
+    assert main(["curves", str(tmp_path / "low"), "--png", str(tmp_path / "no-suffix")]) == 0
+    assert capsys.readouterr().out.splitlines()[-1] == f"plot: {tmp_path / 'no-suffix.png'}"
+    assert (tmp_path / "no-suffix.png").stat().st_size > 0
+    (tmp_path / "taken.png").mkdir()  # a directory where the plot should go: one line, exit code 2
+    assert main(["curves", str(tmp_path / "low"), "--png", str(tmp_path / "taken.png")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "taken.png" in err and "Traceback" not in err

@@ -335,12 +335,15 @@ def _check_decoding(mixer: BMojoMixer, x: torch.Tensor, prefix: int, threshold: 
                 assert _memory_sets(cache.mem_pos) == expected
             outs.append(mixer.step(x[:, t], cache, t)[:, None])
             assert _cache_shapes(cache) == shapes  # fixed size
-            if t + 1 in checkpoints and mixer.has_memory:
+            if t + 1 in checkpoints and (mixer.has_memory or mixer.qkv_conv is not None):
                 prefill = mixer.new_cache(BATCH)
                 mixer(x[:, : t + 1], prefill)
-                _assert_same_memory(prefill, cache)
-                torch.testing.assert_close(prefill.cand_score, cache.cand_score, atol=1e-5,
-                                           rtol=1e-5)
+                if mixer.has_memory:
+                    _assert_same_memory(prefill, cache)
+                    torch.testing.assert_close(prefill.cand_score, cache.cand_score, atol=1e-5,
+                                               rtol=1e-5)
+                if mixer.qkv_conv is not None:
+                    torch.testing.assert_close(prefill.qkv_conv_state, cache.qkv_conv_state)
     torch.testing.assert_close(torch.cat(outs, 1), full, atol=1e-4, rtol=1e-4)
 
 
@@ -401,6 +404,19 @@ def test_qkv_conv_forward_gradients_and_decoding(width: int, policy: str, rope: 
         torch.testing.assert_close(a, e, atol=1e-4, rtol=1e-4)
     for prefix in (0, 1, 7):
         _check_decoding(mixer, make_input(seed=26), prefix, None, checkpoints=(17, 50))
+
+
+def test_qkv_conv_prefill_from_position_0_forgets_a_used_cache() -> None:
+    """A prefill from position 0 starts the convolution from zeros, whatever the cache held."""
+    mixer = make_mixer(seed=29, qkv_conv=4)
+    x, other = make_input(20, seed=30), make_input(20, seed=31)
+    with torch.no_grad():
+        full = mixer(x)
+        cache = mixer.new_cache(BATCH)
+        mixer(other, cache)
+        assert cache.qkv_conv_state.abs().sum() > 0
+        outs = [mixer(x[:, :9], cache)] + [mixer.step(x[:, t], cache, t)[:, None] for t in range(9, 20)]
+    torch.testing.assert_close(torch.cat(outs, 1), full, atol=1e-5, rtol=1e-5)
 
 
 def test_qkv_conv_carries_the_previous_token_into_the_key() -> None:
@@ -489,6 +505,8 @@ def test_bad_config_raises() -> None:
         make_mixer(k=3, capacity=4)  # capacity must be a multiple of k
     with pytest.raises(ValueError, match="qkv_conv"):
         make_mixer(qkv_conv=-1)
+    with pytest.raises(ValueError, match="qkv_conv"):
+        make_mixer(qkv_conv=True)
 
 
 # ------------------------------------------------------------------------ gradients
@@ -678,8 +696,9 @@ def test_causality(policy: str, selection: str, rope: str, i: int) -> None:
 # ------------------------------------------------------------------------- bf16
 
 
-def test_bf16_autocast_forward_backward() -> None:
-    mixer = make_mixer(seed=60, policy="score", rope="window_edge").train()
+@pytest.mark.parametrize("qkv_conv", [0, 4])
+def test_bf16_autocast_forward_backward(qkv_conv: int) -> None:
+    mixer = make_mixer(seed=60, policy="score", rope="window_edge", qkv_conv=qkv_conv).train()
     x = make_input(40, seed=61).requires_grad_(True)
     cache = mixer.new_cache(BATCH)
     with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -699,10 +718,10 @@ def test_bf16_autocast_forward_backward() -> None:
     assert torch.isfinite(out).all() and cache.ssm.ssm_state.dtype == torch.float32
 
 
-@pytest.mark.parametrize("selection", ["topk", "recent"])
-def test_bf16_weights(selection: str) -> None:
+@pytest.mark.parametrize(("selection", "qkv_conv"), [("topk", 0), ("recent", 0), ("topk", 4)])
+def test_bf16_weights(selection: str, qkv_conv: int) -> None:
     """A model cast to bfloat16 (inference) runs forward, prefill and decoding."""
-    mixer = make_mixer(seed=62, selection=selection)
+    mixer = make_mixer(seed=62, selection=selection, qkv_conv=qkv_conv)
     x = make_input(30, seed=63)
     with torch.no_grad():
         ref = mixer(x)

@@ -51,12 +51,13 @@ def test_prefill_then_decode_equals_full_forward(name, prefix):
     torch.testing.assert_close(torch.cat(logits, 1), full, atol=1e-4, rtol=0)
 
 
-@pytest.mark.parametrize("name", list(PRESETS))
+@pytest.mark.parametrize(("name", "overrides"), [(name, {}) for name in PRESETS] + [("bmojo", {"qkv_conv": 4})],
+                         ids=[*PRESETS, "bmojo+qkv_conv"])
 @pytest.mark.parametrize("ends", [(13, 14, 30, L), (1, 4, 9, 21, 45), (24, L)])
-def test_chunked_prefill_equals_full_forward(name, ends):
+def test_chunked_prefill_equals_full_forward(name, overrides, ends):
     """A prompt fed in pieces (each continuing the cache in parallel) gives the full forward's
     logits, and decoding after it continues them (DESIGN.md §8.3)."""
-    model = tiny_model(name)
+    model = tiny_model(name, **overrides)
     x = tokens()
     with torch.no_grad():
         full = model(x).logits
@@ -76,7 +77,8 @@ def test_chunked_prefill_equals_full_forward(name, ends):
                                      dict(qk_norm=True, tie_fading_proj=False, innovation_rank=4),
                                      dict(ssm_residual=False), dict(chunk_size=6, eidetic_per_chunk=3,
                                                                     eidetic_capacity=6),
-                                     dict(qkv_conv=4)])
+                                     dict(qkv_conv=4), dict(qkv_conv=4, storage_blocks=1),
+                                     dict(qkv_conv=4, storage_blocks=1, storage_source="evicted")])
 def test_bmojo_variants_decode_equals_full_forward(variant):
     model = tiny_model("bmojo", **variant)
     x = tokens()

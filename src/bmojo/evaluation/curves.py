@@ -24,14 +24,18 @@ class Curve:
     values: list[float]
 
 
+def _is_number(value) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
 def read_curve(run_dir: str | Path, metric: str = "eval_accuracy", label: str | None = None) -> Curve:
-    """The ``metric`` records of ``run_dir/metrics.jsonl``. A resumed run logs the steps after its
-    last checkpoint twice; the later record of a step is the one kept (the run that continued)."""
+    """The numeric ``metric`` records of ``run_dir/metrics.jsonl`` (label: the directory's name).
+    Should a step be logged twice, its later record is the one kept."""
     path = Path(run_dir) / METRICS_FILE
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist: give the --out directory of a bmojo train run")
     by_step: dict[int, float] = {}
-    seen: set[str] = set()
+    numeric: set[str] = set()
     lines = path.read_text().splitlines()
     for number, line in enumerate(lines, 1):
         if not line.strip():
@@ -42,14 +46,15 @@ def read_curve(run_dir: str | Path, metric: str = "eval_accuracy", label: str | 
             if number == len(lines):  # a run killed mid-write leaves a partial last line
                 break
             raise ValueError(f"{path}, line {number}: not JSON ({err.msg})") from err
-        seen.update(k for k, v in record.items() if isinstance(v, int | float) and not isinstance(v, bool))
-        if metric in record:
-            by_step[int(record["step"])] = float(record[metric])
+        if not isinstance(record, dict) or not isinstance(record.get("step"), int):
+            raise ValueError(f"{path}, line {number}: not a metrics record (a JSON object with an integer step)")
+        numeric.update(k for k, v in record.items() if _is_number(v) and k != "step")
+        if metric in record and _is_number(record[metric]):
+            by_step[record["step"]] = float(record[metric])
     if not by_step:
-        available = sorted(seen - {"step"})
-        raise ValueError(f"{path} has no {metric!r} records; its metrics are {available}")
+        raise ValueError(f"{path} has no numeric {metric!r} records; its numeric metrics are {sorted(numeric)}")
     steps = sorted(by_step)
-    return Curve(label or Path(run_dir).name, metric, steps, [by_step[s] for s in steps])
+    return Curve(label or Path(run_dir).resolve().name, metric, steps, [by_step[s] for s in steps])
 
 
 def format_curves(curves: list[Curve]) -> str:
@@ -64,8 +69,12 @@ def format_curves(curves: list[Curve]) -> str:
     return "\n".join(lines)
 
 
-def plot_curves(curves: list[Curve], path: str | Path, log_y: bool = False) -> None:
-    """One line per run, ``metric`` against the step."""
+def plot_curves(curves: list[Curve], path: str | Path, log_y: bool = False) -> Path:
+    """One line per run, ``metric`` against the step, written to ``path`` (``.png`` added when it
+    has no suffix); returns the path written."""
+    path = Path(path)
+    if not path.suffix:
+        path = path.with_suffix(".png")
     import matplotlib
 
     matplotlib.use("Agg")
@@ -82,5 +91,8 @@ def plot_curves(curves: list[Curve], path: str | Path, log_y: bool = False) -> N
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    try:
+        fig.savefig(path, dpi=120)
+    finally:
+        plt.close(fig)
+    return path

@@ -147,7 +147,8 @@ class BMojoMixer(Attention):
             ("storage_source", storage_source in STORAGE_SOURCES, f"one of {STORAGE_SOURCES}"),
             ("storage_source", storage_source != "evicted" or storage_blocks == 0 or eidetic_capacity > 0,
              "'raw' in a layer without eidetic memory (eidetic_capacity=0): nothing is evicted"),
-            ("qkv_conv", isinstance(qkv_conv, int) and qkv_conv >= 0, "an integer >= 0 (0: no convolution)"),
+            ("qkv_conv", isinstance(qkv_conv, int) and not isinstance(qkv_conv, bool) and qkv_conv >= 0,
+             "an integer >= 0 (0: no convolution)"),
         ]
         for name, ok, allowed in checks:
             if not ok:

@@ -115,8 +115,8 @@ class LanguageModel(nn.Module):
 
     def _init_weights(self) -> None:
         """GPT-style: N(0, init_std) for linears and embeddings, residual output projections
-        scaled by 1/sqrt(2 n_layers); Mamba-2's ``dt_bias``, ``A_log``, ``D`` and conv keep their
-        own initialisation; the innovation predictor starts at zero (x̂ = 0)."""
+        scaled by 1/sqrt(2 n_layers); Mamba-2's ``dt_bias``, ``A_log``, ``D`` and conv, and B'MOJO's
+        ``qkv_conv``, keep their own initialisation; the innovation predictor starts at zero (x̂ = 0)."""
         std = self.config.init_std
         for module in self.modules():
             if isinstance(module, nn.Linear | nn.Embedding):
