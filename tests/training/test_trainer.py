@@ -101,6 +101,8 @@ def test_resume_equals_uninterrupted_training(tmp_path, precision):
 
     with pytest.raises(KeyboardInterrupt):
         Trainer(tiny_model(), cfg, killed_at_step_4, tmp_path / "b", progress=False).fit()
+    with open(tmp_path / "b" / "metrics.jsonl", "a") as f:  # and the kill came in the middle of a write
+        f.write('{"step": 4, "lo')
     resumed = Trainer(tiny_model(seed=123), cfg, copy_batches, tmp_path / "b", progress=False)
     resumed.fit(resume=True)
     for (name, a), b in zip(reference.model.state_dict().items(), resumed.model.state_dict().values(),

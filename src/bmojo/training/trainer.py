@@ -212,11 +212,24 @@ class Trainer:
                     self.tensorboard.add_scalar(key, value, record["step"])
 
     def _truncate_metrics(self) -> None:
-        """Drop records logged after the checkpoint being resumed (they will be redone)."""
+        """Drop records logged after the checkpoint being resumed (they will be redone), and the
+        partial last line a kill in the middle of a write leaves."""
         path = self.out_dir / METRICS_FILE
-        if self.dist.is_main and path.exists():
-            kept = [line for line in path.read_text().splitlines() if json.loads(line).get("step", 0) <= self.step]
-            path.write_text("".join(line + "\n" for line in kept))
+        if not (self.dist.is_main and path.exists()):
+            return
+        lines = path.read_text().splitlines()
+        kept = []
+        for number, line in enumerate(lines, 1):
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as err:
+                if number == len(lines):
+                    break
+                message = f"{path}, line {number}: not JSON ({err.msg}); fix or remove the line to resume"
+                raise ValueError(message) from err
+            if record.get("step", 0) <= self.step:
+                kept.append(line)
+        path.write_text("".join(line + "\n" for line in kept))
 
     def _state(self) -> dict[str, Any]:
         return {"step": self.step, "nonfinite_streak": self.nonfinite_streak, "elapsed_s": self.elapsed_s,
