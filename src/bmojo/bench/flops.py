@@ -7,10 +7,9 @@ A multiply-add is 2 FLOPs. For ``batch`` sequences of ``L`` tokens (``T = batch 
 - ``P_mm``: multiply-adds per token of the weight matmuls: every ``nn.Linear`` (``in * out``; the LM head
   too, though its weight is tied to the embedding, whose lookup costs nothing) and every depthwise
   convolution weight (Mamba-2's ``conv1d`` and B'MOJO's optional ``qkv_conv``, one multiply-add per
-  weight per token). A B'MOJO layer
-  with tied fading projections applies ``k_proj`` and ``v_proj`` twice per token (to its input and
-  to the SSM output), and they count twice. Forward 2 FLOPs per multiply-add, backward 4 (the
-  gradients of the input and of the weight): 6 in all.
+  weight per token). A B'MOJO layer with tied fading projections applies ``k_proj`` and ``v_proj``
+  twice per token (to its input and to the SSM output), and they count twice. Forward 2 FLOPs per
+  multiply-add, backward 4 (the gradients of the input and of the weight): 6 in all.
 - ``P_phi``: the innovation predictor Φ (B layers with top-k selection). Its input is detached, so its
   backward computes only the weight gradient: 2 + 2 = 4.
 - attention, per layer and sequence, forward: ``4 * head_dim * n_heads * pairs``: a query-key dot
