@@ -347,9 +347,7 @@ def cmd_curves(args: argparse.Namespace) -> int:
         curves = [read_curve(run, args.metric, label) for run, label in zip(args.runs, labels, strict=True)]
         print(format_curves(curves))
         png = plot_curves(curves, args.png, args.log_y)
-    except (FileNotFoundError, ValueError):
-        raise
-    except OSError as err:  # unreadable metrics, unwritable plot path
+    except OSError as err:  # a missing or unreadable metrics file, an unwritable plot path
         raise ValueError(str(err)) from err
     print(f"plot: {png}")
     return 0

@@ -26,7 +26,7 @@ from bmojo.models.lm import LanguageModel
 from bmojo.models.sizing import matched_model, param_count
 from bmojo.training.checkpoint import find_checkpoint
 from bmojo.training.recall import RUN_FILE, RecallRun, train_recall
-from bmojo.training.trainer import CHECKPOINT_DIR, METRICS_FILE, TrainConfig
+from bmojo.training.trainer import CHECKPOINT_DIR, METRICS_FILE, TrainConfig, read_metrics
 
 ARCHS = tuple(PRESETS)
 TRAINING_VARIATIONS = ("lr", "seed")  # --vary names that are not model fields
@@ -178,15 +178,7 @@ def _steps_done(run_dir: Path) -> int:
     path = run_dir / METRICS_FILE
     if not path.is_file():
         return 0
-    steps = [0]
-    for line in path.read_text().splitlines():
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:  # the line the trainer is writing right now
-            continue
-        if "loss" in record:
-            steps.append(record["step"])
-    return max(steps)
+    return max([0] + [record["step"] for _, record in read_metrics(path) if "loss" in record])
 
 
 def _train_side_by_side(runs: list[tuple[RecallRun, Path]], device: str | None, progress: bool, threads: int,

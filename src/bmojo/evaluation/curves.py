@@ -7,11 +7,10 @@ their curves, not by one final number (``../shared/MEASUREMENTS.md``).
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
-METRICS_FILE = "metrics.jsonl"
+from bmojo.training.trainer import METRICS_FILE, read_metrics
 
 
 @dataclass
@@ -36,16 +35,7 @@ def read_curve(run_dir: str | Path, metric: str = "eval_accuracy", label: str | 
         raise FileNotFoundError(f"{path} does not exist: give the --out directory of a bmojo train run")
     by_step: dict[int, float] = {}
     numeric: set[str] = set()
-    lines = path.read_text().splitlines()
-    for number, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as err:
-            if number == len(lines):  # a run killed mid-write leaves a partial last line
-                break
-            raise ValueError(f"{path}, line {number}: not JSON ({err.msg})") from err
+    for number, record in read_metrics(path):
         if not isinstance(record, dict) or not isinstance(record.get("step"), int):
             raise ValueError(f"{path}, line {number}: not a metrics record (a JSON object with an integer step)")
         numeric.update(k for k, v in record.items() if _is_number(v) and k != "step")

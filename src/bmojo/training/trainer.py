@@ -53,6 +53,24 @@ CHECKPOINT_DIR = "checkpoint"
 METRICS_FILE = "metrics.jsonl"
 
 
+def read_metrics(path: Path) -> list[tuple[int, Any]]:
+    """``(line number, JSON record)`` of each line of a ``metrics.jsonl``. A partial last line (a
+    write in progress, or a kill in the middle of one) is skipped; a broken line elsewhere is a
+    ValueError."""
+    lines = path.read_text().splitlines()
+    records = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            records.append((number, json.loads(line)))
+        except json.JSONDecodeError as err:
+            if number == len(lines):
+                break
+            raise ValueError(f"{path}, line {number}: not JSON ({err.msg})") from err
+    return records
+
+
 @dataclass
 class Batch:
     inputs: Tensor  # [B, L] token ids
@@ -215,21 +233,9 @@ class Trainer:
         """Drop records logged after the checkpoint being resumed (they will be redone), and the
         partial last line a kill in the middle of a write leaves."""
         path = self.out_dir / METRICS_FILE
-        if not (self.dist.is_main and path.exists()):
-            return
-        lines = path.read_text().splitlines()
-        kept = []
-        for number, line in enumerate(lines, 1):
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as err:
-                if number == len(lines):
-                    break
-                message = f"{path}, line {number}: not JSON ({err.msg}); fix or remove the line to resume"
-                raise ValueError(message) from err
-            if record.get("step", 0) <= self.step:
-                kept.append(line)
-        path.write_text("".join(line + "\n" for line in kept))
+        if self.dist.is_main and path.exists():
+            kept = [record for _, record in read_metrics(path) if record.get("step", 0) <= self.step]
+            path.write_text("".join(json.dumps(record) + "\n" for record in kept))
 
     def _state(self) -> dict[str, Any]:
         return {"step": self.step, "nonfinite_streak": self.nonfinite_streak, "elapsed_s": self.elapsed_s,
