@@ -21,6 +21,7 @@ def test_quick_demo_end_to_end(tmp_path, capsys):
         model = LanguageModel.from_pretrained(tmp_path / row["arch"])
         assert model.num_params() == row["params"] and model.state_size_bytes() == row["state_bytes"]
     assert results["settings"]["task"] == "far_recall"
+    assert "qkv_conv=4" in report  # the base model's settings are in the report
     png = (tmp_path / "recall_vs_state.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n"
     assert "| arch |" in capsys.readouterr().out

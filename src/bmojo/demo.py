@@ -47,7 +47,9 @@ class DemoSettings:
     base_model: dict[str, Any] = field(default_factory=lambda: {
         "d_model": 64, "n_layers": 2, "n_heads": 2, "window": 4, "fading_span": 4, "chunk_size": 4,
         "eidetic_per_chunk": 4, "eidetic_capacity": 16, "d_state": 4, "ssm_headdim": 32, "expand": 2,
-        "mlp_ratio": 0.0, "tie_embeddings": False})  # tied embeddings stalled recall learning (docs/results.md)
+        "mlp_ratio": 0.0,
+        "tie_embeddings": False,  # tied embeddings stalled recall learning (docs/results.md)
+        "qkv_conv": 4})  # B'MOJO(-F)'s q, k, v convolution, which its read-out needs (docs/results.md)
     match_params_of: str = "bmojo"
     max_steps: int = 1000
     batch_size: int = 64
@@ -68,7 +70,7 @@ class DemoSettings:
                    train_lengths=[40], test_lengths=[64], eval_examples=64,
                    base_model={"d_model": 32, "n_layers": 2, "n_heads": 2, "window": 4, "fading_span": 4,
                                "chunk_size": 4, "eidetic_per_chunk": 2, "eidetic_capacity": 8, "d_state": 8,
-                               "ssm_headdim": 16, "expand": 2, "mlp_ratio": 0.0},
+                               "ssm_headdim": 16, "expand": 2, "mlp_ratio": 0.0, "qkv_conv": 4},
                    max_steps=30, batch_size=16)
 
 
@@ -354,8 +356,11 @@ def write_outputs(out_dir: Path, settings: DemoSettings, rows: list[dict[str, An
         f"Task `{settings.task}` ({fields}); trained on lengths {settings.train_lengths}, "
         f"tested on {settings.test_lengths} ({settings.eval_examples} examples). "
         f"At most {settings.max_steps} steps of batch {settings.batch_size}{early_stop}; widths matched to the "
-        f"parameter count "
-        f"of `{settings.match_params_of}`. Far accuracy: queries further back than window + fading span.",
+        f"parameter count of `{settings.match_params_of}`. Far accuracy: queries further back than "
+        f"window + fading span.",
+        "",
+        "Base model (each arch uses the fields its layers have): "
+        + ", ".join(f"{k}={v}" for k, v in settings.base_model.items()) + ".",
         "",
         format_table(rows),
         "",
