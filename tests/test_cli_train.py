@@ -75,6 +75,17 @@ def test_config_file_with_overrides(tmp_path, capsys):
     assert run["task_fields"]["gap_min"] == 12 and run["task_fields"]["num_kv_pairs"] == [2, 4]
 
 
+def test_flag_none_overrides_a_config_files_value(tmp_path):
+    """``--target-accuracy none`` turns off a config file's early stop (a run's run.json sets it)."""
+    config = tmp_path / "run.json"
+    config.write_text(json.dumps({"task": "mqar", "arch": "swa", "train": {"max_steps": 2, "target_accuracy": 0.9}}))
+    assert main(["train", "--config", str(config), "--out", str(tmp_path / "kept"), *TINY]) == 0
+    assert json.loads((tmp_path / "kept" / "run.json").read_text())["train"]["target_accuracy"] == 0.9
+    assert main(["train", "--config", str(config), "--target-accuracy", "none", "--out", str(tmp_path / "off"),
+                 *TINY]) == 0
+    assert json.loads((tmp_path / "off" / "run.json").read_text())["train"]["target_accuracy"] is None
+
+
 @pytest.mark.parametrize("args, message", [
     (["train", "--config", "missing.json"], "does not exist"),
     (["train", "--num-kv-pairs", "500", "--train-lengths", "64"], "num_kv_pairs"),

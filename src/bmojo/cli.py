@@ -67,14 +67,16 @@ def _task_field_specs() -> dict[str, tuple[Any, Any]]:
 
 def _add_fields(group, specs: dict[str, tuple[Any, Any]], as_list: bool = False,
                 default_note: str | None = None) -> None:
-    """One ``--flag`` per field (``dest`` = ``<group title>.<field>``, ``None`` when not given);
+    """One ``--flag`` per field (``dest`` = ``<group title>.<field>``, absent from the namespace
+    when not given, so that ``--flag none`` can override a config file's value with ``None``);
     ``default_note`` replaces the field's default in the help."""
     for name, (hint, default) in specs.items():
         def parse(text, hint=hint):
             values = [_parse_value(part, hint) for part in text.split(",")]
             return values if as_list and len(values) > 1 else values[0]
         list_note = " (a comma list makes a mixture)" if as_list else ""
-        group.add_argument(f"--{name.replace('_', '-')}", dest=f"{group.title}.{name}", type=parse, default=None,
+        group.add_argument(f"--{name.replace('_', '-')}", dest=f"{group.title}.{name}", type=parse,
+                           default=argparse.SUPPRESS,
                            metavar=getattr(hint, "__name__", "VALUE").upper(),
                            help=f"default: {default if default_note is None else default_note}{list_note}")
 
@@ -128,7 +130,7 @@ def _run_from_args(args: argparse.Namespace) -> dict[str, Any]:
     misplaced = [key for key in flags_of_other_task if spec.get(key) is not None]
     for section, key in (("model", "model"), ("training", "train"), ("task", "task_fields")):
         given = {name.split(".", 1)[1]: value for name, value in vars(args).items()
-                 if name.startswith(f"{section}.") and value is not None}
+                 if name.startswith(f"{section}.")}
         if lm and section == "task":
             misplaced += list(given)
             continue
@@ -265,7 +267,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if spec.get("task") is None:
         raise ValueError(f"{args.ckpt} has no run.json: say which task to evaluate with --task")
     changed = {key.split(".", 1)[1]: value for key, value in vars(args).items()
-               if key.startswith("task.") and value is not None}
+               if key.startswith("task.")}
     if changed:
         spec["task_fields"] = {**spec.get("task_fields", {}), **changed}
         if spec.get("test_lengths"):  # only test sequences are made: training lengths need not fit the change
