@@ -25,6 +25,15 @@ def test_quick_demo_end_to_end(tmp_path, capsys):
     png = (tmp_path / "recall_vs_state.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n"
     assert "| arch |" in capsys.readouterr().out
+    # the second test, every query >= long_gap back: the table's column is what bmojo eval measures
+    settings = DemoSettings.quick()
+    assert f"gaps >= {settings.long_gap}" in report
+    bmojo_row = next(r for r in results["rows"] if r["arch"] == "bmojo")
+    assert main(["eval", "--ckpt", str(tmp_path / "bmojo"), "--gap-min", str(settings.long_gap),
+                 "--test-lengths", str(settings.long_gap_length), "--json"]) == 0
+    evaluated = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert bmojo_row["long_gap"] == settings.long_gap
+    assert bmojo_row["long_gap_accuracy"] == pytest.approx(evaluated["accuracy"], abs=1.5 / evaluated["num_queries"])
     # the memory inspector reads a demo checkpoint
     assert main(["inspect", "--ckpt", str(tmp_path / "bmojo"), "--png", str(tmp_path / "memory.png")]) == 0
     assert "slots filled" in capsys.readouterr().out
@@ -89,11 +98,14 @@ def test_demo_rerun_reuses_finished_runs_and_resumes_interrupted_ones(tmp_path, 
     first = json.loads((tmp_path / "results.json").read_text())["rows"]
     swa_metrics = (tmp_path / "swa" / "metrics.jsonl").read_text()
     (tmp_path / "bmojo" / "demo_row.json").unlink()  # as if killed after training, before its row was written
+    swa_row = json.loads((tmp_path / "swa" / "demo_row.json").read_text())
+    del swa_row["long_gap"], swa_row["long_gap_accuracy"]  # a row written before the long-gap test existed
+    (tmp_path / "swa" / "demo_row.json").write_text(json.dumps(swa_row))
     assert main(argv) == 0
     second = json.loads((tmp_path / "results.json").read_text())["rows"]
     assert (tmp_path / "swa" / "metrics.jsonl").read_text() == swa_metrics  # reused, not retrained
-    assert [(r["arch"], r["steps"], r["accuracy"]) for r in second] == [(r["arch"], r["steps"], r["accuracy"])
-                                                                        for r in first]
+    keys = ("arch", "steps", "accuracy", "long_gap", "long_gap_accuracy")
+    assert [[r[k] for k in keys] for r in second] == [[r[k] for k in keys] for r in first]
     # the same directory with other settings is refused rather than overwritten
     assert main([*argv[:-1], "8"]) == 2
     assert "holds a run with other settings" in capsys.readouterr().err
@@ -105,7 +117,7 @@ def test_runs_side_by_side_give_the_same_table_as_one_after_another(tmp_path):
     assert main([*argv, "--out", str(tmp_path / "one"), "--jobs", "1"]) == 0
     assert main([*argv, "--out", str(tmp_path / "two"), "--jobs", "2"]) == 0
     one, two = (json.loads((tmp_path / name / "results.json").read_text())["rows"] for name in ("one", "two"))
-    keys = ("arch", "params", "state_bytes", "steps", "accuracy", "far_accuracy", "by_distance")
+    keys = ("arch", "params", "state_bytes", "steps", "accuracy", "far_accuracy", "by_distance", "long_gap_accuracy")
     assert [[r[k] for k in keys] for r in two] == [[r[k] for k in keys] for r in one]
     for arch in ("mamba2", "bmojo"):  # the weights themselves, bit for bit
         a = LanguageModel.from_pretrained(tmp_path / "one" / arch).state_dict()

@@ -25,7 +25,7 @@ from bmojo.config import PRESETS, ModelConfig
 from bmojo.models.lm import LanguageModel
 from bmojo.models.sizing import matched_model, param_count
 from bmojo.training.checkpoint import find_checkpoint
-from bmojo.training.recall import RUN_FILE, RecallRun, train_recall
+from bmojo.training.recall import RUN_FILE, RecallRun, evaluate_run, train_recall
 from bmojo.training.trainer import CHECKPOINT_DIR, METRICS_FILE, TrainConfig, read_metrics
 
 ARCHS = tuple(PRESETS)
@@ -44,6 +44,11 @@ class DemoSettings:
     train_lengths: list[int] = field(default_factory=lambda: [64])
     test_lengths: list[int] = field(default_factory=lambda: [128])
     eval_examples: int = 512
+    # A second test of every trained model: every query at least ``long_gap`` positions after its
+    # key (10x window + fading span + eidetic capacity, past any training distance), on sequences
+    # of ``long_gap_length``. None: no second test.
+    long_gap: int | None = 240
+    long_gap_length: int = 304
     base_model: dict[str, Any] = field(default_factory=lambda: {
         "d_model": 64, "n_layers": 2, "n_heads": 2, "window": 4, "fading_span": 4, "chunk_size": 4,
         "eidetic_per_chunk": 4, "eidetic_capacity": 16, "d_state": 4, "ssm_headdim": 32, "expand": 2,
@@ -67,7 +72,7 @@ class DemoSettings:
     def quick(cls) -> DemoSettings:
         """A run of about a minute for tests: tiny models, few steps, same pipeline."""
         return cls(task_fields={"vocab_size": 64, "num_kv_pairs": 4, "gap_min": 12, "power_a": 1.0},
-                   train_lengths=[40], test_lengths=[64], eval_examples=64,
+                   train_lengths=[40], test_lengths=[64], eval_examples=64, long_gap=160, long_gap_length=200,
                    base_model={"d_model": 32, "n_layers": 2, "n_heads": 2, "window": 4, "fading_span": 4,
                                "chunk_size": 4, "eidetic_per_chunk": 2, "eidetic_capacity": 8, "d_state": 8,
                                "ssm_headdim": 16, "expand": 2, "mlp_ratio": 0.0, "qkv_conv": 4},
@@ -132,20 +137,53 @@ def run_demo(out_dir: str | Path, settings: DemoSettings, device: str | None = N
             elif vary:
                 model[vary.name] = value
             run_dir = out_dir / arch / vary.label(value) if vary else out_dir / arch
-            plan.append((_recall_run(arch, model, lr, settings, far_from, seed), run_dir, value))
+            run = _recall_run(arch, model, lr, settings, far_from, seed)
+            plan.append((run, run_dir, value, _long_gap_run(run, settings)))
     jobs = jobs or default_jobs(device, len(plan))
     if jobs < 1:
         raise ValueError(f"jobs must be >= 1, got {jobs}")
-    runs = [(run, run_dir) for run, run_dir, _ in plan]
+    runs = [(run, run_dir) for run, run_dir, _, _ in plan]
     if jobs == 1:
         rows = _train_in_process(runs, device, progress, settings.threads_per_run)
     else:
         rows = _train_side_by_side(runs, device, progress, settings.threads_per_run, jobs)
+    _add_long_gap_accuracy(rows, [(long_gap_run, run_dir) for _, run_dir, _, long_gap_run in plan], settings,
+                           device, progress)
     if vary:
-        for row, (_, _, value) in zip(rows, plan, strict=True):
+        for row, (_, _, value, _) in zip(rows, plan, strict=True):
             row["varied"] = {"name": vary.name, "value": value}
     write_outputs(out_dir, settings, rows, vary)
     return rows
+
+
+def _long_gap_run(run: RecallRun, settings: DemoSettings) -> RecallRun | None:
+    """``run``'s test with every query at least ``settings.long_gap`` positions after its key
+    (built with the plan, so a task without ``gap_min`` fails before any training)."""
+    if settings.long_gap is None:
+        return None
+    length = [settings.long_gap_length]
+    return dataclasses.replace(run, task_fields={**run.task_fields, "gap_min": settings.long_gap},
+                               train_lengths=length, test_lengths=length)
+
+
+def _add_long_gap_accuracy(rows: list[dict[str, Any]], long_gap_runs: list[tuple[RecallRun | None, Path]],
+                           settings: DemoSettings, device: str | None, progress: bool) -> None:
+    """Each trained model's accuracy on its long-gap test, added to its row (and row file),
+    unless the row already has it for these settings (a reused run)."""
+    todo = [(row, run, run_dir) for row, (run, run_dir) in zip(rows, long_gap_runs, strict=True)
+            if run is not None and (row.get("long_gap"), row.get("long_gap_length"))
+            != (settings.long_gap, settings.long_gap_length)]
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    saved_threads = torch.get_num_threads()
+    torch.set_num_threads(settings.threads_per_run)  # as in training: the same numbers whatever the machine
+    try:
+        for row, run, run_dir in tqdm(todo, desc=f"test with gaps >= {settings.long_gap}", disable=not progress):
+            model = LanguageModel.from_pretrained(run_dir).to(device)
+            row.update(long_gap=settings.long_gap, long_gap_length=settings.long_gap_length,
+                       long_gap_accuracy=evaluate_run(model, run).accuracy)
+            (run_dir / ROW_FILE).write_text(json.dumps(row, indent=2))
+    finally:
+        torch.set_num_threads(saved_threads)
 
 
 def _train_in_process(runs: list[tuple[RecallRun, Path]], device: str | None, progress: bool,
@@ -252,8 +290,9 @@ def _train_one(run: RecallRun, run_dir: Path, device: str | None, progress: bool
 def format_table(rows: list[dict[str, Any]]) -> str:
     """Markdown table, one row per run; the varied setting, when there is one, comes second."""
     varied = rows[0].get("varied", {}).get("name") if rows else None
+    long_gap = rows[0].get("long_gap") if rows else None
     columns = ["layers", "d_model", "params", "state (bytes/seq)", "lr", "steps", "accuracy", "far accuracy",
-               "train time"]
+               *([f"gaps >= {long_gap}"] if long_gap is not None else []), "train time"]
     if varied == "lr":
         columns.remove("lr")
     header = ["arch"] + ([varied] if varied else []) + columns
@@ -264,6 +303,8 @@ def format_table(rows: list[dict[str, Any]]) -> str:
         cells = {"layers": r["layers"], "d_model": str(r["d_model"]), "params": f"{r['params']:,}",
                  "state (bytes/seq)": f"{r['state_bytes']:,}", "lr": f"{r['lr']:g}", "steps": str(r["steps"]),
                  "accuracy": f"{r['accuracy']:.3f}", "far accuracy": far, "train time": f"{r['train_time_s']:.0f} s"}
+        if long_gap is not None:
+            cells[f"gaps >= {long_gap}"] = f"{r['long_gap_accuracy']:.3f}"
         first = [r["arch"]] + ([str(r["varied"]["value"])] if varied else [])
         lines.append("| " + " | ".join(first + [cells[c] for c in columns]) + " |")
     return "\n".join(lines)
@@ -294,13 +335,22 @@ def _figure():
 
 
 def plot_recall_vs_state(rows: list[dict[str, Any]], path: Path) -> None:
+    """Accuracy against state size, one colour per arch: filled at the test lengths, hollow with
+    every query at least ``long_gap`` back (when the rows have that test)."""
     plt, fig, ax = _figure()
     for r in rows:
-        ax.scatter(r["state_bytes"], r["accuracy"], s=50)
+        point = ax.scatter(r["state_bytes"], r["accuracy"], s=50)
         ax.annotate(r["arch"], (r["state_bytes"], r["accuracy"]), textcoords="offset points", xytext=(5, 5))
+        if "long_gap_accuracy" in r:
+            ax.scatter(r["state_bytes"], r["long_gap_accuracy"], s=50, facecolors="none",
+                       edgecolors=point.get_facecolor())
+    if rows and "long_gap_accuracy" in rows[0]:
+        ax.scatter([], [], s=50, color="gray", label="test lengths")
+        ax.scatter([], [], s=50, facecolors="none", edgecolors="gray", label=f"gaps >= {rows[0]['long_gap']}")
+        ax.legend(loc="lower right")
     ax.set_xscale("log")
     ax.set_xlabel("decoder state per sequence (bytes, log scale)")
-    ax.set_ylabel("recall accuracy (test lengths)")
+    ax.set_ylabel("recall accuracy")
     ax.set_ylim(-0.02, 1.02)
     ax.grid(alpha=0.3)
     ax.set_title("Recall vs state size")
@@ -357,7 +407,10 @@ def write_outputs(out_dir: Path, settings: DemoSettings, rows: list[dict[str, An
         f"tested on {settings.test_lengths} ({settings.eval_examples} examples). "
         f"At most {settings.max_steps} steps of batch {settings.batch_size}{early_stop}; widths matched to the "
         f"parameter count of `{settings.match_params_of}`. Far accuracy: queries further back than "
-        f"window + fading span.",
+        f"window + fading span."
+        + ("" if settings.long_gap is None else
+           f" Gaps >= {settings.long_gap}: a second test where every query is at least {settings.long_gap} "
+           f"positions after its key, on sequences of length {settings.long_gap_length}."),
         "",
         "Base model (each arch uses the fields its layers have): "
         + ", ".join(f"{k}={v}" for k, v in settings.base_model.items()) + ".",
