@@ -1,3 +1,4 @@
+import dataclasses
 import json
 import os
 
@@ -57,6 +58,15 @@ def test_demo_varies_one_setting_per_arch(tmp_path, capsys):
     report = (tmp_path / "report.md").read_text()
     assert "| arch | eidetic_capacity |" in report and "Best eidetic_capacity per arch" in report
     assert (tmp_path / "accuracy_vs_eidetic_capacity.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_demo_without_the_long_gap_test(tmp_path):
+    """``long_gap=None`` drops the second test, also from the rows of runs reused from a demo that had it."""
+    settings = dataclasses.replace(DemoSettings.quick(), max_steps=4)
+    run_demo(tmp_path, settings, archs=("swa",), progress=False)
+    assert "gaps >= " in (tmp_path / "report.md").read_text()
+    rows = run_demo(tmp_path, dataclasses.replace(settings, long_gap=None), archs=("swa",), progress=False)
+    assert "long_gap_accuracy" not in rows[0] and "gaps >= " not in (tmp_path / "report.md").read_text()
 
 
 def test_demo_varies_the_seed_and_reports_the_median(tmp_path, capsys):

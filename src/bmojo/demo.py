@@ -169,10 +169,15 @@ def _long_gap_run(run: RecallRun, settings: DemoSettings) -> RecallRun | None:
 def _add_long_gap_accuracy(rows: list[dict[str, Any]], long_gap_runs: list[tuple[RecallRun | None, Path]],
                            settings: DemoSettings, device: str | None, progress: bool) -> None:
     """Each trained model's accuracy on its long-gap test, added to its row (and row file),
-    unless the row already has it for these settings (a reused run)."""
-    todo = [(row, run, run_dir) for row, (run, run_dir) in zip(rows, long_gap_runs, strict=True)
-            if run is not None and (row.get("long_gap"), row.get("long_gap_length"))
-            != (settings.long_gap, settings.long_gap_length)]
+    unless the row already has it for these settings (a reused run); without the test, a
+    reused row's earlier result is left out of the table."""
+    todo = []
+    for row, (run, run_dir) in zip(rows, long_gap_runs, strict=True):
+        if run is None:
+            for key in ("long_gap", "long_gap_length", "long_gap_accuracy"):
+                row.pop(key, None)
+        elif (row.get("long_gap"), row.get("long_gap_length")) != (settings.long_gap, settings.long_gap_length):
+            todo.append((row, run, run_dir))
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     saved_threads = torch.get_num_threads()
     torch.set_num_threads(settings.threads_per_run)  # as in training: the same numbers whatever the machine
