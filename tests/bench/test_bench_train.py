@@ -63,6 +63,21 @@ def test_architectures_run_interleaved_in_every_round(monkeypatch, bench, tmp_pa
     assert calls == ["transformer", "mamba2", "swa"] * 4  # one warm-up round, then three timed rounds
 
 
+def test_qkv_conv_flag_reaches_the_models(bench, json_line, tmp_path):
+    """``--qkv-conv 4`` benchmarks B'MOJO with its q, k, v convolution: K weights and a bias per channel more."""
+    params = {}
+    for width in (0, 4):
+        code, out = bench(["train", "--quick", "--archs", "bmojo", "--qkv-conv", str(width), "--lengths", "16",
+                           "--precision", "fp32", "--repeats", "1", "--json", "--no-progress",
+                           "--plot-dir", str(tmp_path)])
+        doc = json_line(out)
+        assert code == 0 and doc["settings"]["shapes"]["qkv_conv"] == width
+        params[width] = doc["models"]["bmojo"]["params"]
+    shapes = QUICK_SHAPES
+    channels = 3 * shapes["d_model"]  # q, k, v of every head (n_kv_heads = n_heads here)
+    assert params[4] - params[0] == shapes["n_layers"] * channels * (4 + 1)
+
+
 def test_paired_ratio_is_the_median_of_per_round_ratios():
     # rounds: transformer 1, 2, 3 s; arch 2, 2, 6 s -> ratios 0.5, 1, 0.5
     assert bench_train.paired_ratio([1.0, 2.0, 3.0], [2.0, 2.0, 6.0]) == 0.5
@@ -84,6 +99,7 @@ def test_without_transformer_the_ratio_is_not_available(bench, json_line, tmp_pa
     (["--batch", "0"], "--batch must be >= 1"),
     (["--precision", "fp16"], "--precision: unknown value 'fp16'"),
     (["--repeats", "0"], "--repeats must be >= 1"),
+    (["--qkv-conv", "-1"], "--qkv-conv must be >= 0"),
     (["--matmul-size", "0"], "--matmul-size must be >= 1"),
     (["--size", "laptop"], "--quick uses its own tiny shapes"),
     (["--n-heads", "3"], "invalid shapes: n_heads=3 is invalid"),

@@ -36,8 +36,9 @@ QUICK_SHAPES: dict[str, Any] = {
     "d_model": 32, "n_layers": 2, "n_heads": 2, "window": 16, "fading_span": 16, "chunk_size": 16,
     "eidetic_per_chunk": 2, "eidetic_capacity": 8, "d_state": 8, "ssm_headdim": 16, "mlp_ratio": 2.0,
 }
-# ModelConfig fields that `bench train` and `bench decode` can override, as flags --d-model etc.
-SHAPE_FLAGS = ("d_model", "n_layers", "n_heads", "window")
+# ModelConfig fields that `bench train` and `bench decode` can override, as flags --d-model etc.,
+# with the smallest value each takes (qkv_conv 0: no convolution over q, k, v).
+SHAPE_FLAGS = {"d_model": 1, "n_layers": 1, "n_heads": 1, "window": 1, "qkv_conv": 0}
 
 
 @dataclass
@@ -152,10 +153,10 @@ def model_shapes(args) -> tuple[str, dict[str, Any]]:
         if name not in LM_SIZES:
             raise ValueError(f"--size: unknown size {name!r}; choose from {','.join(LM_SIZES)}")
         shapes = dict(LM_SIZES[name])
-    for field in SHAPE_FLAGS:
+    for field, minimum in SHAPE_FLAGS.items():
         value = getattr(args, field)
         if value is not None:
-            shapes[field] = require_at_least(value, 1, f"--{field.replace('_', '-')}")
+            shapes[field] = require_at_least(value, minimum, f"--{field.replace('_', '-')}")
     return name, shapes
 
 
