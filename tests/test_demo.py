@@ -30,8 +30,9 @@ def test_quick_demo_end_to_end(tmp_path, capsys):
     settings = DemoSettings.quick()
     assert f"gaps >= {settings.long_gap}" in report
     bmojo_row = next(r for r in results["rows"] if r["arch"] == "bmojo")
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # the demo's default device
     assert main(["eval", "--ckpt", str(tmp_path / "bmojo"), "--gap-min", str(settings.long_gap),
-                 "--test-lengths", str(settings.long_gap_length), "--json"]) == 0
+                 "--test-lengths", str(settings.long_gap_length), "--device", device, "--json"]) == 0
     evaluated = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert bmojo_row["long_gap"] == settings.long_gap
     assert bmojo_row["long_gap_accuracy"] == pytest.approx(evaluated["accuracy"], abs=1.5 / evaluated["num_queries"])
@@ -69,6 +70,13 @@ def test_demo_without_the_long_gap_test(tmp_path):
     assert "long_gap_accuracy" not in rows[0] and "gaps >= " not in (tmp_path / "report.md").read_text()
 
 
+def test_long_gap_that_does_not_fit_the_task_fails_before_training(tmp_path):
+    settings = dataclasses.replace(DemoSettings.quick(), long_gap_length=100)  # gap 160 needs longer sequences
+    with pytest.raises(ValueError, match="DemoSettings.long_gap=160 with long_gap_length=100"):
+        run_demo(tmp_path, settings, archs=("swa",), progress=False)
+    assert not (tmp_path / "swa").exists()
+
+
 def test_demo_varies_the_seed_and_reports_the_median(tmp_path, capsys):
     argv = ["demo", "--quick", "--out", str(tmp_path), "--no-progress", "--archs", "swa",
             "--vary", "seed=0,1,2", "--max-steps", "4"]
@@ -80,6 +88,8 @@ def test_demo_varies_the_seed_and_reports_the_median(tmp_path, capsys):
     assert not all(torch.equal(first[name], second[name]) for name in first)  # other weights, other data
     accuracies = sorted(r["accuracy"] for r in results["rows"])
     assert results["median_accuracy"] == {"swa": accuracies[1]} and "best" not in results
+    long_gap = sorted(r["long_gap_accuracy"] for r in results["rows"])
+    assert results["median_long_gap_accuracy"] == {"swa": long_gap[1]}
     assert "Median accuracy over the seeds per arch: `swa`" in (tmp_path / "report.md").read_text()
     assert main(["eval", "--ckpt", str(tmp_path / "swa" / "seed-0"), "--vary", "seed=1"]) == 2
     assert "--vary seed is for bmojo demo" in capsys.readouterr().err

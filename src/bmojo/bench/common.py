@@ -39,6 +39,8 @@ QUICK_SHAPES: dict[str, Any] = {
 # ModelConfig fields that `bench train` and `bench decode` can override, as flags --d-model etc.,
 # with the smallest value each takes (qkv_conv 0: no convolution over q, k, v).
 SHAPE_FLAGS = {"d_model": 1, "n_layers": 1, "n_heads": 1, "window": 1, "qkv_conv": 0}
+SHAPE_FLAG_NOTES = {"qkv_conv": "; B'MOJO's F and B layers only: the other archs get the widths matching "
+                                "the resulting parameter count"}
 
 
 @dataclass
@@ -127,8 +129,9 @@ def add_common_arguments(parser, default_repeats: int) -> None:
                              "the other architectures get the width matching its parameter count")
     parser.add_argument("--vocab", type=int, default=DEFAULT_VOCAB, help="vocabulary size (default: %(default)s)")
     for field in SHAPE_FLAGS:
+        note = SHAPE_FLAG_NOTES.get(field, "")
         parser.add_argument(f"--{field.replace('_', '-')}", dest=field, type=int, default=None,
-                            help=f"override the size's {field} (before matching widths)")
+                            help=f"override the size's {field} (before matching widths){note}")
     parser.add_argument("--repeats", type=int, default=None,
                         help=f"timed runs per architecture (default: {default_repeats}; --quick: 2)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed runs per architecture first (default: 1)")
