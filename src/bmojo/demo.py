@@ -8,6 +8,7 @@ and a checkpoint per architecture.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import multiprocessing
@@ -186,27 +187,30 @@ def _add_long_gap_accuracy(rows: list[dict[str, Any]], long_gap_runs: list[tuple
     if not todo:
         return
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    saved_threads = torch.get_num_threads()
-    torch.set_num_threads(settings.threads_per_run)  # as in training: the same numbers whatever the machine
-    try:
+    with _threads(settings.threads_per_run):  # as in training: the same numbers whatever the machine
         for row, run, run_dir in tqdm(todo, desc=f"test with gaps >= {settings.long_gap}", disable=not progress):
             model = LanguageModel.from_pretrained(run_dir).to(device)
             row.update(long_gap=settings.long_gap, long_gap_length=settings.long_gap_length,
                        long_gap_accuracy=evaluate_run(model, run).accuracy)
             (run_dir / ROW_FILE).write_text(json.dumps(row, indent=2))
+
+
+@contextlib.contextmanager
+def _threads(threads: int):
+    """This process's torch threads set to ``threads`` for the block, then restored."""
+    saved = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
     finally:
-        torch.set_num_threads(saved_threads)
+        torch.set_num_threads(saved)
 
 
 def _train_in_process(runs: list[tuple[RecallRun, Path]], device: str | None, progress: bool,
                       threads: int) -> list[dict[str, Any]]:
     """One run after another in this process, each with its own progress bar."""
-    saved_threads = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
+    with _threads(threads):
         return [_train_one(run, run_dir, device, progress) for run, run_dir in runs]
-    finally:
-        torch.set_num_threads(saved_threads)
 
 
 def _expected_cost(run: RecallRun) -> int:
