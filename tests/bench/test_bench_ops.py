@@ -15,7 +15,7 @@ def test_quick_run_prints_rows_verdicts_and_a_json_line(bench, json_line):
     assert doc["config"]["device"] == "cpu" and doc["config"]["threads"] >= 1
     ops = {r["op"] for r in doc["results"]}
     assert ops == {"ssd chunk=64", "attn W=256 F=256 M=64", "attn W=256 F=0 M=0", "attn causal",
-                   "swa W=64 dispatch"}
+                   "swa W=64 dispatch", "conv K=4"}
     assert len(doc["results"]) == len(ops) * len(bench_ops.MODES) * 2
     for r in doc["results"]:
         assert r["skipped"] is None and r["ratio"] > 0

@@ -9,7 +9,10 @@ For each sequence length L it times, forward (under ``torch.no_grad``) and forwa
 - plain sliding-window attention (W=64) as ``union_attention_chunked`` runs it (one
   band-masked SDPA up to ``max(256, 4W)`` positions, query blocks beyond) vs always in
   query blocks (``union_attention_blocks``, the baseline): the measurement behind
-  :func:`bmojo.ops.attention.dense_window_is_faster`.
+  :func:`bmojo.ops.attention.dense_window_is_faster`;
+- the Mamba-2 block's causal depthwise convolution (``K = 4`` over the ``x, B, C`` channels
+  of the SSD case's layer): ``causal_depthwise_conv1d`` (fast) vs PyTorch's grouped
+  ``conv1d`` (baseline, ``causal_depthwise_conv1d_reference``).
 
 Baseline and fast path run alternately in the same loop, so that machine noise hits both.
 Each row gives the median and the spread (min-max) in ms, and the ratio
@@ -39,12 +42,14 @@ from torch import Tensor
 
 from bmojo.bench.common import machine_info, parse_int_list, require_at_least, resolve_device, timed
 from bmojo.ops.attention import union_attention_blocks, union_attention_chunked, union_attention_reference
+from bmojo.ops.conv import causal_depthwise_conv1d, causal_depthwise_conv1d_reference
 from bmojo.ops.ssd import ssd_chunked, ssd_sequential
 
 SSD_HEADS, SSD_HEAD_DIM, SSD_GROUPS, SSD_STATE, SSD_CHUNK = 8, 64, 1, 64, 64
 ATTN_HEADS, ATTN_KV_HEADS, ATTN_HEAD_DIM = 8, 4, 64
 WINDOW, FADING_SPAN, ATTN_CHUNK, MEMORY_SLOTS = 256, 256, 256, 64
 SHORT_WINDOW = 64  # the window of the band-mask vs blocks comparison (blocks of the same size)
+CONV_WIDTH = 4  # Mamba-2's d_conv
 
 # From this length on, the sequential SSD (a Python loop, about a minute forward+backward at
 # L=4096 on two cores) is timed SEQUENTIAL_LONG_REPEATS times, without warmup runs.
@@ -170,6 +175,26 @@ def window_dispatch_case(batch: int, length: int) -> Case:
                                baseline_peak_bytes={"fwd": 4 * scores_bytes, "fwd+bwd": 5 * scores_bytes})
 
 
+def conv_case(batch: int, length: int) -> Case:
+    """The depthwise causal convolution of a Mamba-2 layer with the SSD case's sizes, over its
+    ``x, B, C`` channels (``heads * p + 2 * groups * n``)."""
+    channels = SSD_HEADS * SSD_HEAD_DIM + 2 * SSD_GROUPS * SSD_STATE
+    kwargs = {
+        "x": torch.randn(batch, length, channels, requires_grad=True),
+        "weight": torch.randn(channels, 1, CONV_WIDTH, requires_grad=True),
+        "bias": torch.randn(channels, requires_grad=True),
+    }
+    # conv1d's input, padded output and their gradients: a few [b, L, channels] tensors.
+    activation_bytes = batch * length * channels * FP32_BYTES
+    return Case(
+        op=f"conv K={CONV_WIDTH}",
+        baseline=causal_depthwise_conv1d_reference,
+        fast=causal_depthwise_conv1d,
+        kwargs=kwargs,
+        baseline_peak_bytes={"fwd": 3 * activation_bytes, "fwd+bwd": 6 * activation_bytes},
+    )
+
+
 def build_cases(batch: int, length: int) -> list[Case]:
     return [
         ssd_case(batch, length),
@@ -177,6 +202,7 @@ def build_cases(batch: int, length: int) -> list[Case]:
         attention_case(batch, length, WINDOW, fading_span=0, memory_slots=0),
         attention_case(batch, length, window=None, fading_span=0, memory_slots=0),
         window_dispatch_case(batch, length),
+        conv_case(batch, length),
     ]
 
 
@@ -357,6 +383,8 @@ def run_ops(args: argparse.Namespace) -> int:
         f"kv_heads={ATTN_KV_HEADS} dh={ATTN_HEAD_DIM} chunk={ATTN_CHUNK}; W window, "
         f"F fading span, M memory slots per chunk"
     )
+    print(f"conv: F.conv1d, groups = channels (baseline) vs shifted multiply-adds (fast); "
+          f"channels={SSD_HEADS * SSD_HEAD_DIM + 2 * SSD_GROUPS * SSD_STATE}")
     print("times in ms: median [min-max]; ratio = baseline median / fast median\n")
     print(ROW_FORMAT.format("op", "mode", "L", "baseline ms", "fast ms", "ratio", "repeats"))
     results = []

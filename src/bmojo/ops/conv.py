@@ -21,34 +21,38 @@ def causal_depthwise_conv1d_reference(x: Tensor, weight: Tensor, bias: Tensor | 
 
 
 class _CausalDepthwiseConv1d(torch.autograd.Function):
-    """``y[:, t] = Σ_k taps[:, k] · x[:, t-K+1+k]`` with its backward written out, both as ``K``
+    """``y[:, t] = Σ_k taps[k] · x[:, t-K+1+k]`` with its backward written out, both as ``K``
     in-place shifted multiply-adds: autograd through the shifted slices would build a
-    zero-filled gradient of the padded input per tap."""
+    zero-filled gradient of the padded input per tap.
+
+    ``taps`` is tap-major (``[K, C]``, contiguous) so each tap broadcast over the channels is a
+    contiguous row: a column of the reference's ``[C, K]`` layout (stride ``K``) made every
+    multiply-add 3-7x slower (docs/performance.md, "The convolution's taps")."""
 
     @staticmethod
-    def forward(ctx, x: Tensor, taps: Tensor) -> Tensor:  # x [B, L, C], taps [C, K]
-        L, K = x.shape[1], taps.shape[1]
+    def forward(ctx, x: Tensor, taps: Tensor) -> Tensor:  # x [B, L, C], taps [K, C]
+        L, K = x.shape[1], taps.shape[0]
         padded = F.pad(x, (0, 0, K - 1, 0))  # [B, L+K-1, C]
-        y = padded[:, K - 1:] * taps[:, K - 1]
+        y = padded[:, K - 1:] * taps[K - 1]
         for k in range(K - 1):
-            y.addcmul_(padded[:, k: k + L], taps[:, k])
+            y.addcmul_(padded[:, k: k + L], taps[k])
         ctx.save_for_backward(padded, taps)
         return y
 
     @staticmethod
     def backward(ctx, grad_y: Tensor) -> tuple[Tensor, Tensor]:
         padded, taps = ctx.saved_tensors
-        L, K = grad_y.shape[1], taps.shape[1]
-        # x[s] feeds y[s + K-1-k] through tap k: grad_x[s] = Σ_k taps[:, k] · grad_y[s + K-1-k].
+        L, K = grad_y.shape[1], taps.shape[0]
+        # x[s] feeds y[s + K-1-k] through tap k: grad_x[s] = Σ_k taps[k] · grad_y[s + K-1-k].
         grad_padded = F.pad(grad_y, (0, 0, 0, K - 1))  # [B, L+K-1, C], zeros after the end
-        grad_x = grad_padded[:, :L] * taps[:, K - 1]
+        grad_x = grad_padded[:, :L] * taps[K - 1]
         for k in range(K - 1):
-            grad_x.addcmul_(grad_padded[:, K - 1 - k: K - 1 - k + L], taps[:, k])
-        grad_taps = torch.stack([(grad_y * padded[:, k: k + L]).sum((0, 1)) for k in range(K)], dim=1)  # [C, K]
+            grad_x.addcmul_(grad_padded[:, K - 1 - k: K - 1 - k + L], taps[k])
+        grad_taps = torch.stack([(grad_y * padded[:, k: k + L]).sum((0, 1)) for k in range(K)])  # [K, C]
         return grad_x, grad_taps
 
 
 def causal_depthwise_conv1d(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
     """Fast path of :func:`causal_depthwise_conv1d_reference`, same arguments and result."""
-    y = _CausalDepthwiseConv1d.apply(x, weight[:, 0, :].to(x.dtype))  # [B, L, C]
+    y = _CausalDepthwiseConv1d.apply(x, weight[:, 0, :].t().contiguous().to(x.dtype))  # [B, L, C]
     return y if bias is None else y + bias.to(x.dtype)
