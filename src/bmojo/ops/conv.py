@@ -27,7 +27,8 @@ class _CausalDepthwiseConv1d(torch.autograd.Function):
 
     ``taps`` is tap-major (``[K, C]``, contiguous) so each tap broadcast over the channels is a
     contiguous row: a column of the reference's ``[C, K]`` layout (stride ``K``) made every
-    multiply-add 3-7x slower (docs/performance.md, "The convolution's taps")."""
+    multiply-add 6-9x slower (docs/performance.md, "The convolution's taps, and the
+    targets again")."""
 
     @staticmethod
     def forward(ctx, x: Tensor, taps: Tensor) -> Tensor:  # x [B, L, C], taps [K, C]
