@@ -50,6 +50,7 @@ ATTN_HEADS, ATTN_KV_HEADS, ATTN_HEAD_DIM = 8, 4, 64
 WINDOW, FADING_SPAN, ATTN_CHUNK, MEMORY_SLOTS = 256, 256, 256, 64
 SHORT_WINDOW = 64  # the window of the band-mask vs blocks comparison (blocks of the same size)
 CONV_WIDTH = 4  # Mamba-2's d_conv
+CONV_CHANNELS = SSD_HEADS * SSD_HEAD_DIM + 2 * SSD_GROUPS * SSD_STATE  # x, B, C of the SSD case's layer
 
 # From this length on, the sequential SSD (a Python loop, about a minute forward+backward at
 # L=4096 on two cores) is timed SEQUENTIAL_LONG_REPEATS times, without warmup runs.
@@ -178,7 +179,7 @@ def window_dispatch_case(batch: int, length: int) -> Case:
 def conv_case(batch: int, length: int) -> Case:
     """The depthwise causal convolution of a Mamba-2 layer with the SSD case's sizes, over its
     ``x, B, C`` channels (``heads * p + 2 * groups * n``)."""
-    channels = SSD_HEADS * SSD_HEAD_DIM + 2 * SSD_GROUPS * SSD_STATE
+    channels = CONV_CHANNELS
     kwargs = {
         "x": torch.randn(batch, length, channels, requires_grad=True),
         "weight": torch.randn(channels, 1, CONV_WIDTH, requires_grad=True),
@@ -384,7 +385,7 @@ def run_ops(args: argparse.Namespace) -> int:
         f"F fading span, M memory slots per chunk"
     )
     print(f"conv: F.conv1d, groups = channels (baseline) vs shifted multiply-adds (fast); "
-          f"channels={SSD_HEADS * SSD_HEAD_DIM + 2 * SSD_GROUPS * SSD_STATE}")
+          f"channels={CONV_CHANNELS}")
     print("times in ms: median [min-max]; ratio = baseline median / fast median\n")
     print(ROW_FORMAT.format("op", "mode", "L", "baseline ms", "fast ms", "ratio", "repeats"))
     results = []
