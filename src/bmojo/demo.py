@@ -23,6 +23,7 @@ import torch
 from tqdm import tqdm
 
 from bmojo.config import PRESETS, ModelConfig
+from bmojo.device import device_or_default
 from bmojo.models.lm import LanguageModel
 from bmojo.models.sizing import matched_model, param_count
 from bmojo.training.checkpoint import find_checkpoint
@@ -105,7 +106,7 @@ class Variation:
 def default_jobs(device: str | None, runs: int) -> int:
     """Runs trained side by side: one per CPU core this process may use (at most ``runs``);
     one on a GPU, which a single run already fills."""
-    on_gpu = (device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
+    on_gpu = device_or_default(device).startswith("cuda")
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     return 1 if on_gpu else max(1, min(cores, runs))
 
@@ -186,7 +187,7 @@ def _add_long_gap_accuracy(rows: list[dict[str, Any]], long_gap_runs: list[tuple
             todo.append((row, run, run_dir))
     if not todo:
         return
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = device_or_default(device)
     with _threads(settings.threads_per_run):  # as in training: the same numbers whatever the machine
         for row, run, run_dir in tqdm(todo, desc=f"test with gaps >= {settings.long_gap}", disable=not progress):
             model = LanguageModel.from_pretrained(run_dir).to(device)
@@ -437,12 +438,11 @@ def write_outputs(out_dir: Path, settings: DemoSettings, rows: list[dict[str, An
         "",
     ]
     if vary and vary.name == "seed":
-        medians = ", ".join(f"`{arch}`: {value:.3f}" for arch, value in results["median_accuracy"].items())
-        report += [f"Median accuracy over the seeds per arch: {medians}.", ""]
-        if "median_long_gap_accuracy" in results:
-            medians = ", ".join(f"`{arch}`: {value:.3f}"
-                                for arch, value in results["median_long_gap_accuracy"].items())
-            report += [f"Median accuracy with gaps >= {settings.long_gap}: {medians}.", ""]
+        for key, label in (("median_accuracy", "over the seeds per arch"),
+                           ("median_long_gap_accuracy", f"with gaps >= {settings.long_gap}")):
+            if key in results:
+                medians = ", ".join(f"`{arch}`: {value:.3f}" for arch, value in results[key].items())
+                report += [f"Median accuracy {label}: {medians}.", ""]
     elif vary:
         best = ", ".join(f"`{arch}`: {value}" for arch, value in results["best"].items())
         report += [f"Best {vary.name} per arch: {best}.", ""]

@@ -14,6 +14,7 @@ import torch
 from tqdm import tqdm
 
 from bmojo.config import PRESETS, ModelConfig
+from bmojo.device import device_or_default
 from bmojo.models.lm import LanguageModel
 
 
@@ -25,10 +26,6 @@ class SmokeResult:
     first_loss: float
     last_loss: float
     decode_ms_per_token: float
-
-
-def default_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def smoke_config(arch: str, seq_len: int) -> ModelConfig:
@@ -67,7 +64,7 @@ def run_smoke(arch: str, steps: int, batch: int, seq_len: int, decode_tokens: in
 
 def smoke_all(steps: int = 30, batch: int = 4, seq_len: int = 96, decode_tokens: int = 16,
               device: torch.device | None = None) -> list[SmokeResult]:
-    device = device or default_device()
+    device = device or torch.device(device_or_default(None))
     results = []
     for arch in tqdm(PRESETS, desc="presets", unit="arch"):
         results.append(run_smoke(arch, steps, batch, seq_len, decode_tokens, device))

@@ -24,6 +24,7 @@ from tqdm import tqdm
 from bmojo import allocator
 from bmojo.config import LM_SIZES, PRESETS, ModelConfig
 from bmojo.data.tokenizer import BYTE_VOCAB_SIZE
+from bmojo.device import device_or_default
 from bmojo.models.sizing import matched_model, param_count
 
 T = TypeVar("T")
@@ -106,7 +107,7 @@ def require_at_least(value: int, minimum: int, flag: str) -> int:
 def resolve_device(name: str | None) -> torch.device:
     """``--device``: ``None`` is CUDA when available, else the CPU. Only CPU and CUDA devices are measured."""
     if name is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device(device_or_default(None))
     try:
         device = torch.device(name)
     except RuntimeError:

@@ -32,6 +32,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from bmojo.device import device_or_default
+
 TORCHRUN_VARIABLES = ("RANK", "LOCAL_RANK", "WORLD_SIZE")
 # How long a collective waits for the other processes before it fails (instead of hanging forever
 # when a process died outside torchrun's watch). Long enough for rank 0 to write a checkpoint.
@@ -102,7 +104,7 @@ def init_distributed(device: str | None = None, fsdp: bool = False,
     if not dist.is_available():
         raise ValueError("this PyTorch build has no torch.distributed: distributed training is not possible")
     rank, local_rank, world_size = (int(os.environ[name]) for name in TORCHRUN_VARIABLES)
-    requested = torch.device(device) if device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    requested = torch.device(device_or_default(device))
     if requested.index is not None:
         raise ValueError(f"--device {device}: under torchrun every process takes the GPU of its LOCAL_RANK; "
                          f"pass a device type (--device cuda) without an index")

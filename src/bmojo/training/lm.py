@@ -13,6 +13,7 @@ import torch
 
 from bmojo.config import LM_SIZES, ModelConfig
 from bmojo.data.shards import TokenShards
+from bmojo.device import device_or_default
 from bmojo.evaluation.perplexity import perplexity_at
 from bmojo.models.lm import LanguageModel
 from bmojo.models.sizing import matched_model, param_count
@@ -90,7 +91,7 @@ def train_lm(run: LMRun, out_dir: str | Path, resume: bool = False, device: str 
     if distributed.is_main:
         (out_dir / RUN_FILE).write_text(json.dumps(run.to_dict(), indent=2))
         shards.tokenizer.save(out_dir)
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = device_or_default(device)
     torch.manual_seed(run.train.seed)
     model = LanguageModel(run.model_config())
     accum, batch_size = run.train.grad_accum, run.train.batch_size

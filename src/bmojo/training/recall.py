@@ -13,6 +13,7 @@ import torch
 
 from bmojo.config import ModelConfig
 from bmojo.data.synthetic import DEFAULT_LENGTHS, make_dataset, make_mixture
+from bmojo.device import device_or_default
 from bmojo.evaluation.recall import RecallReport, evaluate_recall
 from bmojo.models.lm import LanguageModel
 from bmojo.serialization import from_dict_strict
@@ -107,7 +108,7 @@ def train_recall(run: RecallRun, out_dir: str | Path, resume: bool = False, devi
     distributed.barrier()  # every process has read run.json before rank 0 rewrites it
     if distributed.is_main:
         (out_dir / RUN_FILE).write_text(json.dumps(run.to_dict(), indent=2))
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = device_or_default(device)
     torch.manual_seed(run.train.seed)
     model = LanguageModel(run.model_config())
     mixture = run.train_mixture()
