@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from bmojo.ops import ssd_chunked, ssd_sequential, ssd_step
+from bmojo.ops import ssd as ssd_module
 from bmojo.ops.ssd import decay, decay_matrix
 
 B_, H, P, N = 2, 4, 8, 8
@@ -140,6 +141,25 @@ def test_decay_matrix_keeps_float32_precision_of_each_segment():
     eps = torch.finfo(torch.float32).eps
     tolerance = 4 * eps * (1 + exact[normal].abs()) * expected[normal]
     assert ((got[normal] - expected[normal]).abs() <= tolerance).all()
+
+
+@pytest.mark.parametrize("b", [1, 2])
+@pytest.mark.parametrize("l", [64, 100])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_chunked_scan_gets_contiguous_head_major_inputs(monkeypatch, b, l, dtype):
+    """The layout ssd_chunked promises the scan: a strided x·dt (a permuted view) would make
+    each batched matmul of the scan copy it again (docs/performance.md)."""
+    seen = []
+    apply = ssd_module._ChunkScan.apply
+
+    def spy(*args):
+        seen.append([t.is_contiguous() for t in args])
+        return apply(*args)
+
+    monkeypatch.setattr(ssd_module._ChunkScan, "apply", spy)
+    inputs = make_inputs(l, 2, b=b, dtype=dtype)
+    ssd_chunked(**inputs, chunk_size=32)
+    assert seen == [[True] * 5]
 
 
 def test_final_state_not_changed_by_padding():

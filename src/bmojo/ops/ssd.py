@@ -32,6 +32,8 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
+from bmojo.ops.layout import contiguous_cast
+
 
 def _check_shapes(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor) -> None:
     if x.dim() != 4:
@@ -312,8 +314,11 @@ def ssd_chunked(
     acc = accumulation_dtype(x.dtype)
 
     def chunked(t: Tensor) -> Tensor:  # [b, l, k, e] -> [b, k, c, Q, e], padded with zeros, contiguous
-        t = F.pad(t.to(acc), (0, 0, 0, 0, 0, pad)) if pad else t.to(acc)
-        return t.permute(0, 2, 1, 3).reshape(b, t.shape[2], nc, Q, t.shape[3])
+        t = F.pad(t, (0, 0, 0, 0, 0, pad)) if pad else t
+        # One copy casts and lays out head-major: a permute then reshape alone is a strided
+        # view, which every batched matmul below would copy again, once per use.
+        t = contiguous_cast(t.permute(0, 2, 1, 3), acc)
+        return t.view(b, t.shape[1], nc, Q, t.shape[3])
 
     dtf = dt.to(acc)
     x_dt = chunked(x * dtf[..., None])  # [b, h, c, Q, p]
