@@ -8,8 +8,8 @@ import math
 import pytest
 import torch
 
-from bmojo.ops import ssd_chunked, ssd_sequential, ssd_step
 from bmojo.ops import ssd as ssd_module
+from bmojo.ops import ssd_chunked, ssd_sequential, ssd_step
 from bmojo.ops.ssd import decay, decay_matrix
 
 B_, H, P, N = 2, 4, 8, 8
