@@ -11,6 +11,7 @@ from bmojo.ops.storage import (
     block_match_scores,
     entry_positions,
     evicted_block_count,
+    gather_positions,
     select_blocks,
     stored_block_count,
 )
@@ -189,3 +190,30 @@ def test_select_blocks_and_scores() -> None:
     expected = torch.stack([torch.tensor([max(float(q[b, i, h] @ summary[b, m, h // 2]) for i in range(5)
                                               for h in range(4)) for m in range(6)]) for b in range(2)])
     torch.testing.assert_close(block_match_scores(q, summary), expected)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.int64])
+def test_gather_positions_reads_each_position_and_position_zero_for_minus_one(dtype) -> None:
+    gen = torch.Generator().manual_seed(0)
+    t = (torch.randn(2, 7, HKV, DH, generator=gen) * 10).to(dtype)  # [B, L, Hkv, dh]
+    pos = torch.randint(-1, 7, (2, 3, 5), generator=gen)  # [B, nq, M]
+    got = gather_positions(t, pos)
+    assert got.shape == (2, 3, 5, HKV, DH) and got.dtype == dtype
+    for b in range(2):
+        for i in range(3):
+            for m in range(5):
+                assert torch.equal(got[b, i, m], t[b, max(int(pos[b, i, m]), 0)])
+
+
+def test_gather_positions_gradient_adds_up_every_read() -> None:
+    gen = torch.Generator().manual_seed(1)
+    t = torch.randn(2, 6, HKV, DH, generator=gen, requires_grad=True)
+    pos = torch.tensor([[[0, 3, 3], [5, -1, 0]], [[2, 2, 2], [1, 4, -1]]])  # repeats and -1 (reads 0)
+    weight = torch.randn(2, 2, 3, HKV, DH, generator=gen)
+    (gather_positions(t, pos) * weight).sum().backward()
+    expected = torch.zeros_like(t)
+    for b in range(2):
+        for i in range(2):
+            for m in range(3):
+                expected[b, max(int(pos[b, i, m]), 0)] += weight[b, i, m]
+    torch.testing.assert_close(t.grad, expected)
