@@ -199,12 +199,13 @@ def _chunk_scan_forward(x_dt: Tensor, a: Tensor, Bc: Tensor, Cc: Tensor, initial
     chunk_states = _heads(_grouped(x_dt * decay_to_end[..., None], g).mT @ _per_head(Bc))  # [b, h, c, p, n]
 
     # 3. Recurrence over chunks, O(c): the state entering each chunk, and the final state.
+    # One fused multiply-add per chunk on views unbound once (indexing inside the loop would
+    # cost several dispatched ops per chunk), stacked at the end.
     chunk_decay = decay(a_cumsum[..., -1])[..., None, None]  # [b, h, c, 1, 1]: decay across a whole chunk
-    entering = torch.empty_like(chunk_states)
-    state = initial_state
-    for c in range(x_dt.shape[2]):
-        entering[:, :, c] = state
-        state = chunk_decay[:, :, c] * state + chunk_states[:, :, c]
+    states = [initial_state]  # states[c]: entering chunk c; the last one leaves the sequence
+    for decay_c, added_c in zip(chunk_decay.unbind(2), chunk_states.unbind(2), strict=True):
+        states.append(torch.addcmul(added_c, decay_c, states[-1]))
+    entering, state = torch.stack(states[:-1], 2), states[-1]  # [b, h, c, p, n], [b, h, p, n]
 
     # 4. Contribution of the entering state to each position of the chunk.
     y += _heads(_per_head(Cc) @ _grouped(entering, g).mT) * decay(a_cumsum)[..., None]
@@ -248,12 +249,12 @@ class _ChunkScan(torch.autograd.Function):
         d_entering = _heads(_grouped(dy_decayed, g).mT @ _per_head(Cc))  # [b, h, c, p, n]
 
         # 3. The recurrence backwards: d chunk_states[c] is the gradient of the state after chunk c.
-        d_chunk_states = torch.empty_like(entering)
-        grad = d_final
-        for c in reversed(range(x_dt.shape[2])):
-            d_chunk_states[:, :, c] = grad
-            grad = d_entering[:, :, c] + chunk_decay[:, :, c, None, None] * grad
-        d_initial = grad
+        grads = [d_final]  # grads[i]: of the state after chunk c - 1 - i; the last one of the initial state
+        for decay_c, d_entering_c in zip(reversed(chunk_decay[..., None, None].unbind(2)),
+                                         reversed(d_entering.unbind(2)), strict=True):
+            grads.append(torch.addcmul(d_entering_c, decay_c, grads[-1]))
+        d_chunk_states = torch.stack(grads[-2::-1], 2)  # [b, h, c, p, n]
+        d_initial = grads[-1]
         d_cumsum[..., -1] += (d_chunk_states * entering).sum((-1, -2)) * chunk_decay
 
         # 2. chunk_states = (x_dt ∘ decay_to_end)^T B.
