@@ -143,6 +143,23 @@ def test_decay_matrix_keeps_float32_precision_of_each_segment():
     assert ((got[normal] - expected[normal]).abs() <= tolerance).all()
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_decay_matrix_keeps_a_segment_exactly_at_the_floor_and_zeroes_one_below(dtype):
+    floor = math.ceil(math.log(torch.finfo(dtype).tiny))
+    a = torch.tensor([0.0, floor, -0.5, 0.0], dtype=dtype)  # segments: [1,0] at the floor, [2,0] below it
+    got = decay_matrix(a)
+    kept = torch.tensor([got[1, 0], got[2, 1]], dtype=torch.float64)
+    torch.testing.assert_close(kept, torch.tensor([math.exp(floor), math.exp(-0.5)], dtype=torch.float64),
+                               rtol=4 * torch.finfo(dtype).eps, atol=0)
+    assert got[2, 0] == 0 and got[3, 0] == 0 and got[3, 2] == 1
+    assert (got.triu(1) == 0).all() and (got.diagonal() == 1).all()
+
+
+def test_decay_matrix_rejects_half_precision():
+    with pytest.raises(ValueError, match="float32 or float64"):
+        decay_matrix(torch.zeros(4, dtype=torch.bfloat16))
+
+
 @pytest.mark.parametrize("b", [1, 2])
 @pytest.mark.parametrize("l", [64, 100])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -151,8 +151,11 @@ def decay_matrix(a: Tensor) -> Tensor:
     a rounded part and its remainder, each subtracted in the input's dtype. A short segment's
     sum so keeps the input dtype's relative precision after a long run of large decays
     (a plain float32 difference would lose it) without any ``[T, T]`` float64 tensor.
-    Not differentiable (in-place); :class:`_ChunkScan` writes its gradient out.
+    Not differentiable (in-place); :class:`_ChunkScan` writes its gradient out. ``a`` is in an
+    accumulation dtype (float32 or float64), where the parked log-decay below is representable.
     """
+    if a.dtype not in (torch.float32, torch.float64):
+        raise ValueError(f"decay_matrix computes in float32 or float64, got {a.dtype}")
     T = a.shape[-1]
     a_cumsum = torch.cumsum(a.double(), dim=-1)
     rounded = a_cumsum.to(a.dtype)
@@ -160,10 +163,24 @@ def decay_matrix(a: Tensor) -> Tensor:
     diff = rounded[..., :, None] - rounded[..., None, :]  # [..., i, j]
     diff += remainder[..., :, None]
     diff -= remainder[..., None, :]
-    floor = _decay_floor(a.dtype)
-    lower = torch.ones(T, T, dtype=torch.bool, device=a.device).tril()
-    keep = (diff >= floor) & lower
-    return diff.clamp_(min=floor).exp_().masked_fill_(~keep, 0.0)
+    # Entries to zero (above the diagonal, or below the floor) are parked at a log-decay whose
+    # exp is normal (fast) and below every kept entry's, and cut after the exp by one
+    # threshold: with a boolean mask and masked_fill_ this function took 1.6x as long.
+    below_floor, parked, cut = _parking(a.dtype)
+    diff += torch.full((T, T), -math.inf, dtype=a.dtype, device=a.device).triu_(1)  # -inf above the diagonal
+    F.threshold_(diff, below_floor, parked)  # keeps diff > below_floor, i.e. diff >= floor
+    return F.threshold_(diff.exp_(), cut, 0.0)
+
+
+@functools.cache
+def _parking(dtype: torch.dtype) -> tuple[float, float, float]:
+    """For :func:`decay_matrix` in ``dtype``: the largest number below the floor, a parked
+    log-decay between ``log(tiny)`` and the floor (its exp is normal), and a cut between
+    the exps of the parked value and of the floor."""
+    floor, log_tiny = _decay_floor(dtype), math.log(torch.finfo(dtype).tiny)
+    parked = (floor + log_tiny) / 2
+    below_floor = torch.nextafter(torch.tensor(float(floor), dtype=dtype), torch.tensor(-math.inf, dtype=dtype))
+    return below_floor.item(), parked, math.exp((floor + parked) / 2)
 
 
 def _grouped(t: Tensor, g: int) -> Tensor:
