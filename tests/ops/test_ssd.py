@@ -315,3 +315,12 @@ def test_bad_other_shapes(fn):
 def test_bad_chunk_size():
     with pytest.raises(ValueError):
         ssd_chunked(**make_inputs(4, 2), chunk_size=0)
+
+
+def test_chunked_traces_as_one_graph_under_torch_compile():
+    """No host read (``.item()``, a Python scalar from a tensor) inside the SSD: under
+    ``torch.compile`` each one would break the graph at every layer's call."""
+    torch._dynamo.reset()
+    inputs = make_inputs(100, 2)
+    explained = torch._dynamo.explain(ssd_chunked)(**inputs, chunk_size=32)
+    assert explained.graph_break_count == 0, [b.reason for b in explained.break_reasons]

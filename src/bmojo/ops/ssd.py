@@ -166,13 +166,12 @@ def decay_matrix(a: Tensor) -> Tensor:
     # Entries to zero (above the diagonal, or below the floor) are parked at a log-decay whose
     # exp is normal (fast) and below every kept entry's, and cut after the exp by one
     # threshold: with a boolean mask and masked_fill_ this function took 1.6x as long.
-    below_floor, parked, cut = _parking(a.dtype)
+    below_floor, parked, cut = _PARKING[a.dtype]
     diff += torch.full((T, T), -math.inf, dtype=a.dtype, device=a.device).triu_(1)  # -inf above the diagonal
     F.threshold_(diff, below_floor, parked)  # keeps diff > below_floor, i.e. diff >= floor
     return F.threshold_(diff.exp_(), cut, 0.0)
 
 
-@functools.cache
 def _parking(dtype: torch.dtype) -> tuple[float, float, float]:
     """For :func:`decay_matrix` in ``dtype``: the largest number below the floor, a parked
     log-decay between ``log(tiny)`` and the floor (its exp is normal), and a cut between
@@ -181,6 +180,11 @@ def _parking(dtype: torch.dtype) -> tuple[float, float, float]:
     parked = (floor + log_tiny) / 2
     below_floor = torch.nextafter(torch.tensor(float(floor), dtype=dtype), torch.tensor(-math.inf, dtype=dtype))
     return below_floor.item(), parked, math.exp((floor + parked) / 2)
+
+
+# Computed once, at import: under torch.compile a host read (`.item()`) in decay_matrix would
+# break the graph at every SSD call.
+_PARKING = {dtype: _parking(dtype) for dtype in (torch.float32, torch.float64)}
 
 
 def _grouped(t: Tensor, g: int) -> Tensor:
