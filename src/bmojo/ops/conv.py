@@ -12,6 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from bmojo.ops.layout import contiguous_cast
+
 
 def causal_depthwise_conv1d_reference(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
     """``x [B, L, C]``, ``weight [C, 1, K]``, ``bias [C]`` -> ``[B, L, C]`` via ``F.conv1d``."""
@@ -55,5 +57,5 @@ class _CausalDepthwiseConv1d(torch.autograd.Function):
 
 def causal_depthwise_conv1d(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
     """Fast path of :func:`causal_depthwise_conv1d_reference`, same arguments and result."""
-    y = _CausalDepthwiseConv1d.apply(x, weight[:, 0, :].t().contiguous().to(x.dtype))  # [B, L, C]
+    y = _CausalDepthwiseConv1d.apply(x, contiguous_cast(weight[:, 0, :].t(), x.dtype))  # taps [K, C], x [B, L, C]
     return y if bias is None else y + bias.to(x.dtype)
