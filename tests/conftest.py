@@ -1,7 +1,15 @@
+import os
+
 import pytest
 import torch
 
 from bmojo.compilation import require_cxx_compiler
+
+if not torch.cuda.is_available():
+    # Triton's kernels (tests/ops/test_attention_triton.py) run in its CPU interpreter here. The
+    # flag is read when a kernel is defined, triton.language's own helpers included, so it is set
+    # before anything imports triton.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 def pytest_configure(config):

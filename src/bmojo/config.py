@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from bmojo.layers.bmojo import EIDETIC_ROPE_MODES
+from bmojo.ops.attention import ATTENTION_KERNELS
 from bmojo.ops.eidetic import POLICIES, SELECTIONS
 from bmojo.ops.storage import OVERFLOW_POLICIES, STORAGE_SOURCES
 from bmojo.serialization import from_dict_strict
@@ -90,6 +91,8 @@ class ModelConfig:
     norm_eps: float = 1e-5
     init_std: float = 0.02
     max_seq_len: int = 2048  # initial KV capacity of full-attention layers; their state-size context
+    # the windowed attention's parallel form (W, F, B layers): PyTorch ops, or Triton kernels on CUDA
+    attention_kernel: str = "torch"
 
     def __post_init__(self) -> None:
         if self.arch not in PRESETS:
@@ -147,6 +150,7 @@ class ModelConfig:
         require(number(self.mlp_ratio) and self.mlp_ratio >= 0, "mlp_ratio",
                 "must be a number >= 0 (0 removes the MLP)")
         require(self.norm_eps > 0, "norm_eps", "must be > 0")
+        require(self.attention_kernel in ATTENTION_KERNELS, "attention_kernel", f"must be one of {ATTENTION_KERNELS}")
         kinds = set(self.layer_pattern)
         if kinds & set("AWFB"):
             positive_int("n_heads")

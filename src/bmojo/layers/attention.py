@@ -11,7 +11,7 @@ from torch import Tensor, nn
 
 from bmojo.layers.kv_buffer import KVBuffer
 from bmojo.layers.norm import RMSNorm
-from bmojo.ops.attention import attention_continued, union_attention_chunked, union_attention_step
+from bmojo.ops.attention import attention_continued, union_attention_chunked, union_attention_for, union_attention_step
 from bmojo.ops.rope import apply_rope, rope_angles
 
 
@@ -28,6 +28,7 @@ class Attention(nn.Module):
         rope_theta: float = 10000.0,
         block_size: int | None = None,
         norm_eps: float = 1e-5,
+        attention_kernel: str = "torch",
     ):
         super().__init__()
         if d_model % n_heads != 0 or n_heads % n_kv_heads != 0:
@@ -38,6 +39,8 @@ class Attention(nn.Module):
         self.window = window
         self.rope_theta = rope_theta
         self.block_size = block_size or window or 64
+        # The windowed parallel form (full causal attention is PyTorch's SDPA either way).
+        self.windowed_attention = union_attention_for(attention_kernel)
         self.q_proj = nn.Linear(d_model, n_heads * self.head_dim, bias=False)
         self.k_proj = nn.Linear(d_model, n_kv_heads * self.head_dim, bias=False)
         self.v_proj = nn.Linear(d_model, n_kv_heads * self.head_dim, bias=False)
@@ -78,7 +81,8 @@ class Attention(nn.Module):
             past_k, past_v = cache.read(start - min(start, self.window or start), start)  # [B, n, Hkv, dh]
             out = attention_continued(q, k, v, past_k, past_v, self.window, self.block_size)
         else:
-            out = union_attention_chunked(q, k, v, window=self.window, chunk_size=self.block_size)
+            attend = union_attention_chunked if self.window is None else self.windowed_attention
+            out = attend(q, k, v, window=self.window, chunk_size=self.block_size)
         if cache is not None:
             if start == 0:
                 cache.clear()

@@ -29,7 +29,7 @@ from torch import Tensor, nn
 from bmojo.layers.attention import Attention
 from bmojo.layers.kv_buffer import KVBuffer
 from bmojo.layers.mamba2 import Mamba2Cache, Mamba2Mixer
-from bmojo.ops.attention import union_attention_chunked, union_attention_step
+from bmojo.ops.attention import union_attention_step
 from bmojo.ops.conv import causal_depthwise_conv1d
 from bmojo.ops.eidetic import (
     POLICIES,
@@ -126,6 +126,7 @@ class BMojoMixer(Attention):
         storage_overflow: str = "error",
         storage_source: str = "raw",
         qkv_conv: int = 0,
+        attention_kernel: str = "torch",
     ):
         storage_block_size = chunk_size if storage_block_size is None else storage_block_size
         checks = [
@@ -154,7 +155,7 @@ class BMojoMixer(Attention):
             if not ok:
                 raise ValueError(f"{name}={locals()[name]!r} is invalid: must be {allowed}")
         super().__init__(d_model, n_heads, n_kv_heads, window=window, qk_norm=qk_norm, rope_theta=rope_theta,
-                         block_size=chunk_size, norm_eps=norm_eps)
+                         block_size=chunk_size, norm_eps=norm_eps, attention_kernel=attention_kernel)
         self.fading_span = fading_span
         self.chunk_size = chunk_size
         self.eidetic_per_chunk = eidetic_per_chunk
@@ -357,7 +358,7 @@ class BMojoMixer(Attention):
             slot_pos = torch.cat(slots, -1)  # [B, nq, M + r*S]
             memory = dict(mem_k=gather_positions(k_eid, slot_pos), mem_v=gather_positions(v, slot_pos),
                           mem_pos=slot_pos, q_mem=q_eid)
-        out = union_attention_chunked(q_rot, k_rot, v, W, Fs, kf, vf, chunk_size=C, **memory)
+        out = self.windowed_attention(q_rot, k_rot, v, W, Fs, kf, vf, chunk_size=C, **memory)
         return self._output(out, f), aux
 
     def _forward_cached(self, x: Tensor, cache: BMojoCache, start: int) -> tuple[Tensor, Tensor]:
@@ -415,7 +416,7 @@ class BMojoMixer(Attention):
             memory = dict(mem_pos=pos, q_mem=with_past(q_eid),
                           mem_k=F.pad(torch.cat(slot_k, 2), (0, 0, 0, 0, 0, 0, past_chunks, 0)),
                           mem_v=F.pad(torch.cat(slot_v, 2), (0, 0, 0, 0, 0, 0, past_chunks, 0)))
-        out = union_attention_chunked(with_past(q_rot), with_past(k_rot, past_k), with_past(v, past_v), W, Fs,
+        out = self.windowed_attention(with_past(q_rot), with_past(k_rot, past_k), with_past(v, past_v), W, Fs,
                                       chunk_size=C, **fading, **memory)[:, n_past:]
         cache.raw.write(k_rot, v, start)
         if cache.fading is not None:

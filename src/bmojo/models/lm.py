@@ -40,7 +40,8 @@ def build_mixer(kind: str, cfg: ModelConfig) -> nn.Module:
     """The mixer of one layer letter (DESIGN.md §6)."""
     if kind in "AW":
         return Attention(cfg.d_model, cfg.n_heads, cfg.n_kv_heads, window=cfg.window if kind == "W" else None,
-                         qk_norm=cfg.qk_norm, rope_theta=cfg.rope_theta, norm_eps=cfg.norm_eps)
+                         qk_norm=cfg.qk_norm, rope_theta=cfg.rope_theta, norm_eps=cfg.norm_eps,
+                         attention_kernel=cfg.attention_kernel)
     if kind == "S":
         return Mamba2Mixer(cfg.d_model, d_state=cfg.d_state, d_conv=cfg.d_conv, expand=cfg.expand,
                            headdim=cfg.ssm_headdim, ngroups=cfg.ssm_ngroups)
@@ -56,7 +57,7 @@ def build_mixer(kind: str, cfg: ModelConfig) -> nn.Module:
         ssm_headdim=cfg.ssm_headdim, ssm_ngroups=cfg.ssm_ngroups,
         storage_blocks=cfg.storage_blocks if kind == "B" else 0, storage_block_size=cfg.storage_block_size,
         storage_budget_bytes=cfg.storage_budget_bytes, storage_overflow=cfg.storage_overflow,
-        storage_source=cfg.storage_source, qkv_conv=cfg.qkv_conv,
+        storage_source=cfg.storage_source, qkv_conv=cfg.qkv_conv, attention_kernel=cfg.attention_kernel,
     )
 
 

@@ -23,6 +23,9 @@ Three functions compute it:
 - :func:`attention_continued`: the raw-window (or full causal) attention of a block of new
   queries that continue a sequence whose past keys a cache holds (a continued prefill).
 
+:func:`union_attention_for` picks a layer's parallel form by name: these PyTorch ops
+(``"torch"``), or the Triton kernels of :mod:`bmojo.ops.attention_triton` (``"triton"``, CUDA).
+
 Shapes: ``q [b, l, h, dh]``, ``k, v, kf, vf [b, l, hkv, dh]`` with ``h % hkv == 0``
 (grouped-query attention: query head ``i`` reads key head ``i // (h // hkv)``).
 Softmax is computed in float32; the output has the dtype of ``v``.
@@ -31,6 +34,7 @@ Softmax is computed in float32; the output has the dtype of ``v``.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -207,6 +211,23 @@ def dense_window_is_faster(length: int, window: int) -> bool:
     (``O(L·(C+W))`` work, many small matmuls): up to ``max(256, 4·W)`` positions, from
     ``bmojo bench ops`` (docs/performance.md)."""
     return length <= max(DENSE_WINDOW_MAX_LEN, 4 * window)
+
+
+ATTENTION_KERNELS = ("torch", "triton")
+
+
+def union_attention_for(kernel: str) -> Callable[..., Tensor]:
+    """The union attention's parallel form for a layer's ``attention_kernel``, with the arguments
+    and result of :func:`union_attention_reference`: :func:`union_attention_chunked` (``"torch"``)
+    or :func:`bmojo.ops.attention_triton.union_attention_triton` (``"triton"``, which needs triton
+    installed and CUDA tensors: an ``ImportError`` here, a ``ValueError`` at the first call)."""
+    if kernel == "torch":
+        return union_attention_chunked
+    if kernel == "triton":
+        from bmojo.ops.attention_triton import union_attention_triton
+
+        return union_attention_triton
+    raise ValueError(f"attention_kernel={kernel!r} is invalid: must be one of {ATTENTION_KERNELS}")
 
 
 def union_attention_chunked(

@@ -1,0 +1,467 @@
+"""The union attention of DESIGN.md §3.3 as Triton kernels: flash-attention style, one pass
+over the keys a query block can see, the scores never stored (forward and backward).
+
+Same arguments and result as :func:`bmojo.ops.attention.union_attention_reference`; query ``i``
+sees the raw keys ``[i-W+1, i]``, the fading keys ``[i-W-F+1, i-W]`` and the slots of chunk
+``i // chunk_size`` whose position ``t`` satisfies ``0 <= t <= i - W`` (memory keys scored
+with ``q_mem``). Four kernels:
+
+- ``_forward``: grid ``(query blocks, b·h)``; an online softmax over the three key sets, in
+  base 2; stores the output and each row's log-sum-exp for the backward pass.
+- ``_backward_query``: the same grid; ``dq`` (raw and fading keys) and ``dq_mem`` (slots).
+- ``_backward_keys``: grid ``(key blocks, b·hkv)``; ``dk, dv`` of one sequence key set (raw,
+  or fading), summed over the queries that see a key and the query heads of its group.
+- ``_backward_memory``: grid ``(slot blocks, b·hkv, chunks)``; ``d mem_k, d mem_v``.
+
+Every output row is written by one program: no atomics, the same result run to run.
+
+Needs CUDA tensors, or ``TRITON_INTERPRET=1`` set before this module is imported (Triton's
+interpreter runs the kernels on the CPU with NumPy: how the tests check them without a GPU).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import torch
+from torch import Tensor
+
+from bmojo.ops.attention import _check_inputs
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError as err:  # the CPU build of torch comes without triton
+    raise ImportError("bmojo.ops.attention_triton needs triton: `pip install triton` (CUDA builds of torch "
+                      "install it)") from err
+
+LOG2E = 1.4426950408889634
+INTERPRETED = triton.knobs.runtime.interpret
+SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+@triton.jit
+def _sequence_visible(i, j, near, far, length):
+    """Query positions ``i`` see sequence keys ``j`` (broadcast shapes) in ``[i-far, i-near]``."""
+    return (j <= i - near) & (j >= i - far) & (j >= 0) & (j < length) & (i < length)
+
+
+@triton.jit
+def _memory_visible(i, pos, slot_ok, chunk, window, chunk_size, length):
+    """Query positions ``i`` see the slots of ``chunk`` holding positions ``pos``."""
+    return (i // chunk_size == chunk) & (i < length) & (pos >= 0) & (pos <= i - window) & slot_ok
+
+
+@triton.jit
+def _softmax_tile(acc, m_i, l_i, q, k, v, visible, qk_scale, PRECISION: tl.constexpr):
+    """One key tile of the online softmax: ``q [BM, D]``, ``k, v [BN, D]``, ``visible [BM, BN]``."""
+    s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale  # [BM, BN], base-2 logits
+    s = tl.where(visible, s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row that has seen no key yet
+    p = tl.exp2(s - m_safe[:, None])
+    alpha = tl.exp2(m_i - m_safe)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+    return acc, m_new, l_i
+
+
+@triton.jit
+def _query_grad_tile(dq, q, do, lse, delta, k, v, visible, qk_scale, PRECISION: tl.constexpr):
+    """``dq [BM, D]`` (unscaled) plus one key tile's part: ``Σ_j p_ij (dp_ij - δ_i) k_j``."""
+    s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale  # [BM, BN]
+    p = tl.where(visible, tl.exp2(s - lse[:, None]), 0.0)
+    dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)  # [BM, BN]
+    ds = p * (dp - delta[:, None])
+    return dq + tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
+
+
+@triton.jit
+def _key_grad_tile(dk, dv, k, v, q, do, lse, delta, visible_t, qk_scale, PRECISION: tl.constexpr):
+    """``dk, dv [BN, D]`` plus one query tile's part; ``visible_t [BN, BM]`` (keys by queries)."""
+    s_t = tl.dot(k, tl.trans(q), input_precision=PRECISION) * qk_scale  # [BN, BM]
+    p_t = tl.where(visible_t, tl.exp2(s_t - lse[None, :]), 0.0)
+    dv += tl.dot(p_t.to(do.dtype), do, input_precision=PRECISION)
+    dp_t = tl.dot(v, tl.trans(do), input_precision=PRECISION)  # [BN, BM]
+    ds_t = p_t * (dp_t - delta[None, :])
+    dk += tl.dot(ds_t.to(q.dtype), q, input_precision=PRECISION)
+    return dk, dv
+
+
+@triton.jit
+def _load_rows(ptr, rows, ok, head_dim, BLOCK_D: tl.constexpr):
+    """Rows ``rows`` of a ``[*, head_dim]`` tensor, zeros where ``ok`` is false: ``[R, BLOCK_D]``."""
+    d = tl.arange(0, BLOCK_D)
+    return tl.load(ptr + rows[:, None] * head_dim + d[None, :], mask=ok[:, None] & (d < head_dim)[None, :],
+                   other=0.0)
+
+
+@triton.jit
+def _store_rows(ptr, rows, ok, value, head_dim, BLOCK_D: tl.constexpr):
+    d = tl.arange(0, BLOCK_D)
+    tl.store(ptr + rows[:, None] * head_dim + d[None, :], value.to(ptr.dtype.element_ty),
+             mask=ok[:, None] & (d < head_dim)[None, :])
+
+
+@triton.jit
+def _attend_sequence(acc, m_i, l_i, q, i, first, last, K, V, b, kv_head, length, kv_heads, near, far, qk_scale,
+                     head_dim, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
+    """The online softmax of queries ``i`` (positions ``first .. last``) over the sequence keys
+    ``[i-far, i-near]`` of ``K, V``."""
+    for start in range(tl.maximum(first - far, 0), last - near + 1, BLOCK_N):
+        j = start + tl.arange(0, BLOCK_N)  # key positions [BN]
+        kv_rows = (b.to(tl.int64) * length + j) * kv_heads + kv_head
+        k = _load_rows(K, kv_rows, j < length, head_dim, BLOCK_D)
+        v = _load_rows(V, kv_rows, j < length, head_dim, BLOCK_D)
+        visible = _sequence_visible(i[:, None], j[None, :], near, far, length)
+        acc, m_i, l_i = _softmax_tile(acc, m_i, l_i, q, k, v, visible, qk_scale, PRECISION)
+    return acc, m_i, l_i
+
+
+@triton.jit
+def _attend_memory(acc, m_i, l_i, qm, i, first, last, MK, MV, MPOS, b, kv_head, length, kv_heads, n_chunks, slots,
+                   window, chunk_size, qk_scale,
+                   head_dim, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
+    """The online softmax of queries ``i`` over the memory slots of their chunks."""
+    for chunk in range(first // chunk_size, last // chunk_size + 1):
+        chunk_base = (b.to(tl.int64) * n_chunks + chunk) * slots
+        for start in range(0, slots, BLOCK_N):
+            s = start + tl.arange(0, BLOCK_N)  # slots [BN]
+            s_ok = s < slots
+            pos = tl.load(MPOS + chunk_base + s, mask=s_ok, other=-1)
+            mem_rows = (chunk_base + s) * kv_heads + kv_head
+            mk = _load_rows(MK, mem_rows, s_ok, head_dim, BLOCK_D)
+            mv = _load_rows(MV, mem_rows, s_ok, head_dim, BLOCK_D)
+            visible = _memory_visible(i[:, None], pos[None, :], s_ok[None, :], chunk, window, chunk_size, length)
+            acc, m_i, l_i = _softmax_tile(acc, m_i, l_i, qm, mk, mv, visible, qk_scale, PRECISION)
+    return acc, m_i, l_i
+
+
+@triton.jit
+def _query_grad_sequence(dq, q, do, lse, delta, i, first, last, K, V, b, kv_head, length, kv_heads, near, far,
+                         qk_scale, head_dim, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+                         PRECISION: tl.constexpr):
+    """``dq`` (unscaled) of queries ``i`` from the sequence keys ``[i-far, i-near]``."""
+    for start in range(tl.maximum(first - far, 0), last - near + 1, BLOCK_N):
+        j = start + tl.arange(0, BLOCK_N)
+        kv_rows = (b.to(tl.int64) * length + j) * kv_heads + kv_head
+        k = _load_rows(K, kv_rows, j < length, head_dim, BLOCK_D)
+        v = _load_rows(V, kv_rows, j < length, head_dim, BLOCK_D)
+        visible = _sequence_visible(i[:, None], j[None, :], near, far, length)
+        dq = _query_grad_tile(dq, q, do, lse, delta, k, v, visible, qk_scale, PRECISION)
+    return dq
+
+
+@triton.jit
+def _query_grad_memory(dqm, qm, do, lse, delta, i, first, last, MK, MV, MPOS, b, kv_head, length, kv_heads, n_chunks,
+                       slots, window, chunk_size, qk_scale, head_dim, BLOCK_D: tl.constexpr,
+                       BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
+    """``dq_mem`` (unscaled) of queries ``i`` from the memory slots of their chunks."""
+    for chunk in range(first // chunk_size, last // chunk_size + 1):
+        chunk_base = (b.to(tl.int64) * n_chunks + chunk) * slots
+        for start in range(0, slots, BLOCK_N):
+            s = start + tl.arange(0, BLOCK_N)
+            s_ok = s < slots
+            pos = tl.load(MPOS + chunk_base + s, mask=s_ok, other=-1)
+            mem_rows = (chunk_base + s) * kv_heads + kv_head
+            mk = _load_rows(MK, mem_rows, s_ok, head_dim, BLOCK_D)
+            mv = _load_rows(MV, mem_rows, s_ok, head_dim, BLOCK_D)
+            visible = _memory_visible(i[:, None], pos[None, :], s_ok[None, :], chunk, window, chunk_size, length)
+            dqm = _query_grad_tile(dqm, qm, do, lse, delta, mk, mv, visible, qk_scale, PRECISION)
+    return dqm
+
+
+@triton.jit
+def _forward(Q, K, V, KF, VF, QM, MK, MV, MPOS, O, LSE,
+             length, heads, kv_heads, n_chunks, slots, window, fading_span, chunk_size, qk_scale,
+             head_dim, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+             HAS_FADING: tl.constexpr, HAS_MEMORY: tl.constexpr, PRECISION: tl.constexpr):
+    b = tl.program_id(1) // heads
+    h = tl.program_id(1) % heads
+    kv_head = h // (heads // kv_heads)
+    first = tl.program_id(0) * BLOCK_M
+    last = tl.minimum(first + BLOCK_M, length) - 1
+    i = first + tl.arange(0, BLOCK_M)  # query positions [BM]
+    i_ok = i < length
+    q_rows = (b.to(tl.int64) * length + i) * heads + h  # rows of [b*l*h, dh]
+    q = _load_rows(Q, q_rows, i_ok, head_dim, BLOCK_D)  # [BM, BD]
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    acc, m_i, l_i = _attend_sequence(acc, m_i, l_i, q, i, first, last, K, V, b, kv_head, length, kv_heads,
+                                     0, window - 1, qk_scale, head_dim, BLOCK_D, BLOCK_N, PRECISION)
+    if HAS_FADING:
+        acc, m_i, l_i = _attend_sequence(acc, m_i, l_i, q, i, first, last, KF, VF, b, kv_head, length, kv_heads,
+                                         window, window + fading_span - 1, qk_scale, head_dim, BLOCK_D, BLOCK_N,
+                                         PRECISION)
+    if HAS_MEMORY:
+        qm = _load_rows(QM, q_rows, i_ok, head_dim, BLOCK_D)
+        acc, m_i, l_i = _attend_memory(acc, m_i, l_i, qm, i, first, last, MK, MV, MPOS, b, kv_head, length, kv_heads,
+                                       n_chunks, slots, window, chunk_size, qk_scale, head_dim, BLOCK_D, BLOCK_N,
+                                       PRECISION)
+    l_safe = tl.where(l_i == 0.0, 1.0, l_i)  # rows past the sequence see no key
+    _store_rows(O, q_rows, i_ok, acc / l_safe[:, None], head_dim, BLOCK_D)
+    tl.store(LSE + (b.to(tl.int64) * heads + h) * length + i, m_i + tl.log2(l_safe), mask=i_ok)
+
+
+@triton.jit
+def _backward_query(Q, K, V, KF, VF, QM, MK, MV, MPOS, DO, LSE, DELTA, DQ, DQM,
+                    length, heads, kv_heads, n_chunks, slots, window, fading_span, chunk_size, qk_scale, sm_scale,
+                    head_dim, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                    HAS_FADING: tl.constexpr, HAS_MEMORY: tl.constexpr, PRECISION: tl.constexpr):
+    b = tl.program_id(1) // heads
+    h = tl.program_id(1) % heads
+    kv_head = h // (heads // kv_heads)
+    first = tl.program_id(0) * BLOCK_M
+    last = tl.minimum(first + BLOCK_M, length) - 1
+    i = first + tl.arange(0, BLOCK_M)
+    i_ok = i < length
+    q_rows = (b.to(tl.int64) * length + i) * heads + h
+    q = _load_rows(Q, q_rows, i_ok, head_dim, BLOCK_D)
+    do = _load_rows(DO, q_rows, i_ok, head_dim, BLOCK_D)
+    row_stats = (b.to(tl.int64) * heads + h) * length + i
+    lse = tl.load(LSE + row_stats, mask=i_ok, other=0.0)
+    delta = tl.load(DELTA + row_stats, mask=i_ok, other=0.0)
+    dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    dq = _query_grad_sequence(dq, q, do, lse, delta, i, first, last, K, V, b, kv_head, length, kv_heads,
+                              0, window - 1, qk_scale, head_dim, BLOCK_D, BLOCK_N, PRECISION)
+    if HAS_FADING:
+        dq = _query_grad_sequence(dq, q, do, lse, delta, i, first, last, KF, VF, b, kv_head, length, kv_heads,
+                                  window, window + fading_span - 1, qk_scale, head_dim, BLOCK_D, BLOCK_N, PRECISION)
+    _store_rows(DQ, q_rows, i_ok, dq * sm_scale, head_dim, BLOCK_D)
+    if HAS_MEMORY:
+        qm = _load_rows(QM, q_rows, i_ok, head_dim, BLOCK_D)
+        dqm = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+        dqm = _query_grad_memory(dqm, qm, do, lse, delta, i, first, last, MK, MV, MPOS, b, kv_head, length, kv_heads,
+                                 n_chunks, slots, window, chunk_size, qk_scale, head_dim, BLOCK_D, BLOCK_N, PRECISION)
+        _store_rows(DQM, q_rows, i_ok, dqm * sm_scale, head_dim, BLOCK_D)
+
+
+@triton.jit
+def _backward_keys(Q, K, V, DO, LSE, DELTA, DK, DV, length, heads, kv_heads, near, far, qk_scale, sm_scale,
+                   head_dim, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                   PRECISION: tl.constexpr):
+    b = tl.program_id(1) // kv_heads
+    kv_head = tl.program_id(1) % kv_heads
+    group = heads // kv_heads
+    first = tl.program_id(0) * BLOCK_N
+    last = tl.minimum(first + BLOCK_N, length) - 1
+    j = first + tl.arange(0, BLOCK_N)  # key positions [BN]
+    j_ok = j < length
+    kv_rows = (b.to(tl.int64) * length + j) * kv_heads + kv_head
+    k = _load_rows(K, kv_rows, j_ok, head_dim, BLOCK_D)
+    v = _load_rows(V, kv_rows, j_ok, head_dim, BLOCK_D)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    for g in range(group):
+        h = kv_head * group + g
+        for start in range(first + near, tl.minimum(last + far, length - 1) + 1, BLOCK_M):
+            i = start + tl.arange(0, BLOCK_M)  # the queries that may see these keys [BM]
+            i_ok = i < length
+            q_rows = (b.to(tl.int64) * length + i) * heads + h
+            q = _load_rows(Q, q_rows, i_ok, head_dim, BLOCK_D)
+            do = _load_rows(DO, q_rows, i_ok, head_dim, BLOCK_D)
+            row_stats = (b.to(tl.int64) * heads + h) * length + i
+            lse = tl.load(LSE + row_stats, mask=i_ok, other=0.0)
+            delta = tl.load(DELTA + row_stats, mask=i_ok, other=0.0)
+            visible_t = _sequence_visible(i[None, :], j[:, None], near, far, length)
+            dk, dv = _key_grad_tile(dk, dv, k, v, q, do, lse, delta, visible_t, qk_scale, PRECISION)
+    _store_rows(DK, kv_rows, j_ok, dk * sm_scale, head_dim, BLOCK_D)
+    _store_rows(DV, kv_rows, j_ok, dv, head_dim, BLOCK_D)
+
+
+@triton.jit
+def _backward_memory(QM, MK, MV, MPOS, DO, LSE, DELTA, DMK, DMV,
+                     length, heads, kv_heads, n_chunks, slots, window, chunk_size, qk_scale, sm_scale,
+                     head_dim, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                     PRECISION: tl.constexpr):
+    b = tl.program_id(1) // kv_heads
+    kv_head = tl.program_id(1) % kv_heads
+    chunk = tl.program_id(2)
+    group = heads // kv_heads
+    s = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)  # slots [BN]
+    s_ok = s < slots
+    chunk_base = (b.to(tl.int64) * n_chunks + chunk) * slots
+    pos = tl.load(MPOS + chunk_base + s, mask=s_ok, other=-1)
+    mem_rows = (chunk_base + s) * kv_heads + kv_head
+    mk = _load_rows(MK, mem_rows, s_ok, head_dim, BLOCK_D)
+    mv = _load_rows(MV, mem_rows, s_ok, head_dim, BLOCK_D)
+    dmk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    dmv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    first = chunk * chunk_size
+    last = tl.minimum(first + chunk_size, length) - 1
+    for g in range(group):
+        h = kv_head * group + g
+        for start in range(first, last + 1, BLOCK_M):
+            i = start + tl.arange(0, BLOCK_M)  # the chunk's queries [BM]
+            i_ok = i < length
+            q_rows = (b.to(tl.int64) * length + i) * heads + h
+            qm = _load_rows(QM, q_rows, i_ok, head_dim, BLOCK_D)
+            do = _load_rows(DO, q_rows, i_ok, head_dim, BLOCK_D)
+            row_stats = (b.to(tl.int64) * heads + h) * length + i
+            lse = tl.load(LSE + row_stats, mask=i_ok, other=0.0)
+            delta = tl.load(DELTA + row_stats, mask=i_ok, other=0.0)
+            visible_t = _memory_visible(i[None, :], pos[:, None], s_ok[:, None], chunk, window, chunk_size, length)
+            dmk, dmv = _key_grad_tile(dmk, dmv, mk, mv, qm, do, lse, delta, visible_t, qk_scale, PRECISION)
+    _store_rows(DMK, mem_rows, s_ok, dmk * sm_scale, head_dim, BLOCK_D)
+    _store_rows(DMV, mem_rows, s_ok, dmv, head_dim, BLOCK_D)
+
+
+class _UnionAttention(torch.autograd.Function):
+    """The four kernels as one differentiable op: contiguous inputs, a finite ``window``;
+    without ``q_mem`` the memory slots are scored with ``q``, whose gradient gets both parts."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, kf, vf, q_mem, mem_k, mem_v, mem_pos, window, fading_span, chunk_size, scale):
+        b, l, h, dh = q.shape
+        has_fading, has_memory = kf is not None, mem_k is not None
+        n_chunks, slots = (mem_k.shape[1], mem_k.shape[2]) if has_memory else (1, 0)
+        out = torch.empty_like(q, dtype=v.dtype)  # [b, l, h, dh]
+        lse = torch.empty(b, h, l, device=q.device, dtype=torch.float32)  # base-2 log-sum-exp per row
+        block_d, block_m, block_n = _block_sizes(dh, q.dtype)
+        _forward[(triton.cdiv(l, block_m), b * h)](
+            q, k, v, *_or(q, kf, vf, q_mem, mem_k, mem_v, mem_pos), out, lse,
+            l, h, k.shape[2], n_chunks, slots, window, fading_span, chunk_size, scale * LOG2E,
+            head_dim=dh, BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=block_n, HAS_FADING=has_fading,
+            HAS_MEMORY=has_memory, PRECISION=_precision(q.dtype))
+        ctx.save_for_backward(q, k, v, kf, vf, q_mem, mem_k, mem_v, mem_pos, out, lse)
+        ctx.args = (window, fading_span, chunk_size, scale, n_chunks, slots)
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, d_out):
+        q, k, v, kf, vf, q_mem, mem_k, mem_v, mem_pos, out, lse = ctx.saved_tensors
+        window, fading_span, chunk_size, scale, n_chunks, slots = ctx.args
+        b, l, h, dh = q.shape
+        hkv = k.shape[2]
+        has_fading, has_memory = kf is not None, mem_k is not None
+        block_d, block_m, block_n = _block_sizes(dh, q.dtype)
+        tiles = dict(head_dim=dh, BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=block_n, PRECISION=_precision(q.dtype))
+        d_out = d_out.contiguous()
+        delta = (d_out.float() * out.float()).sum(-1).transpose(1, 2).contiguous()  # [b, h, l]: Σ_d dO·O
+        scoring_query = q if q_mem is None else q_mem  # what scores the memory slots
+        dq = torch.empty_like(q)
+        dq_mem = torch.empty_like(q) if has_memory else None
+        _backward_query[(triton.cdiv(l, block_m), b * h)](
+            q, k, v, *_or(q, kf, vf, scoring_query, mem_k, mem_v, mem_pos), d_out, lse, delta, dq, *_or(q, dq_mem),
+            l, h, hkv, n_chunks, slots, window, fading_span, chunk_size, scale * LOG2E, scale,
+            HAS_FADING=has_fading, HAS_MEMORY=has_memory, **tiles)
+        key_sets = [(k, v, 0, window - 1)] + ([(kf, vf, window, window + fading_span - 1)] if has_fading else [])
+        key_grads = []
+        for keys, values, near, far in key_sets:
+            dk, dv = torch.empty_like(keys), torch.empty_like(values)
+            _backward_keys[(triton.cdiv(l, block_n), b * hkv)](
+                q, keys, values, d_out, lse, delta, dk, dv, l, h, hkv, near, far, scale * LOG2E, scale, **tiles)
+            key_grads += [dk, dv]
+        dk, dv, dkf, dvf = key_grads + [None] * (4 - len(key_grads))
+        d_mem_k = d_mem_v = None
+        if has_memory:
+            d_mem_k, d_mem_v = torch.empty_like(mem_k), torch.empty_like(mem_v)
+            _backward_memory[(triton.cdiv(slots, block_n), b * hkv, n_chunks)](
+                scoring_query, mem_k, mem_v, mem_pos, d_out, lse, delta, d_mem_k, d_mem_v,
+                l, h, hkv, n_chunks, slots, window, chunk_size, scale * LOG2E, scale, **tiles)
+            if q_mem is None:
+                dq += dq_mem
+                dq_mem = None
+        return dq, dk, dv, dkf, dvf, dq_mem, d_mem_k, d_mem_v, None, None, None, None, None
+
+
+def _or(placeholder: Tensor, *tensors: Tensor | None) -> list[Tensor]:
+    """``tensors`` with ``placeholder`` for the missing ones: a kernel takes a pointer for every
+    key set, and reads only those its flags enable."""
+    return [placeholder if t is None else t for t in tensors]
+
+
+def _block_sizes(head_dim: int, dtype: torch.dtype) -> tuple[int, int, int]:
+    """``(BLOCK_D, BLOCK_M, BLOCK_N)``: the head dimension padded to a power of two (>= 16, the
+    smallest ``tl.dot``), and 64-row tiles for 16-bit inputs up to 64-dim heads, 32-row tiles
+    otherwise (full-precision float32 products run on the CUDA cores: a 64-row tile needs twice the
+    shared memory, 115 KB in the backward pass, and compiles 3-4x slower, for no tensor-core gain)."""
+    block_d = max(16, triton.next_power_of_2(head_dim))
+    block = 64 if block_d <= 64 and dtype != torch.float32 else 32
+    return block_d, block, block
+
+
+def _precision(dtype: torch.dtype) -> str:
+    """``tl.dot``'s input precision: full float32 for float32 inputs (matching the CPU reference;
+    TF32 would not), the tensor cores' native product for 16-bit inputs."""
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def union_attention_triton(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    window: int | None,
+    fading_span: int = 0,
+    kf: Tensor | None = None,
+    vf: Tensor | None = None,
+    mem_k: Tensor | None = None,
+    mem_v: Tensor | None = None,
+    mem_pos: Tensor | None = None,
+    q_mem: Tensor | None = None,
+    chunk_size: int = 64,
+    scale: float | None = None,
+) -> Tensor:
+    """Same arguments and result as :func:`bmojo.ops.attention.union_attention_reference`,
+    computed by this module's kernels. ``[b, l, h, dh]`` in ``v``'s dtype."""
+    _check_inputs(q, k, v, window, fading_span, kf, vf, mem_k, mem_v, mem_pos, chunk_size)
+    features = [t for t in (q, k, v, kf, vf, mem_k, mem_v, q_mem) if t is not None]
+    if q.dtype not in SUPPORTED_DTYPES or any(t.dtype != q.dtype for t in features):
+        raise ValueError(f"union_attention_triton needs q, k, v, kf, vf, mem_k, mem_v, q_mem in one dtype of "
+                         f"{SUPPORTED_DTYPES}; got {sorted({str(t.dtype) for t in features})}")
+    if q.device.type != "cuda" and not INTERPRETED:
+        raise ValueError(f"union_attention_triton runs on CUDA tensors, got {q.device} (Triton's CPU interpreter "
+                         f"needs TRITON_INTERPRET=1 set before bmojo.ops.attention_triton is imported)")
+    l, dh = q.shape[1], q.shape[3]
+    window = l if window is None else window  # full causal: a window over the whole sequence
+    scale = dh**-0.5 if scale is None else scale
+    inputs = [None if t is None else t.contiguous() for t in (q, k, v, kf, vf, q_mem, mem_k, mem_v, mem_pos)]
+    return _UnionAttention.apply(*inputs, window, fading_span, chunk_size, scale)
+
+
+def compile_for_cuda(capability: int = 90, dtype: torch.dtype = torch.bfloat16) -> dict[str, int]:
+    """Compiles the four kernels to cubins for a CUDA GPU of compute ``capability`` (90: H100),
+    without one (Triton's bundled ``ptxas``), at 64-dim heads with fading tokens and memory: the
+    check that they build, which the interpreter never makes. Each kernel's shared memory, bytes."""
+    if INTERPRETED:
+        raise RuntimeError("compile_for_cuda needs the kernels as JIT functions: unset TRITON_INTERPRET")
+    from triton.backends.compiler import GPUTarget
+
+    element = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
+    block_d, block_m, block_n = _block_sizes(64, dtype)
+    tiles = dict(BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=block_n, PRECISION=_precision(dtype))
+    flags = dict(HAS_FADING=True, HAS_MEMORY=True)
+    shared = {}
+    for kernel, constants in ((_forward, {**tiles, **flags}), (_backward_query, {**tiles, **flags}),
+                              (_backward_keys, tiles), (_backward_memory, tiles)):
+        signature = {name: "constexpr" if name in constants else _argument_type(name, element)
+                     for name in kernel.arg_names}
+        source = triton.compiler.ASTSource(kernel, signature, constants)
+        compiled = triton.compile(source, target=GPUTarget("cuda", capability, 32))
+        shared[kernel.fn.__name__] = compiled.metadata.shared
+    return shared
+
+
+def _argument_type(name: str, element: str) -> str:
+    """A kernel argument's Triton type, from the naming of this module's kernels: pointers in
+    capitals (positions int64, row statistics float32, features ``element``), scalars in lower case."""
+    if name.isupper():
+        return {"MPOS": "*i64", "LSE": "*fp32", "DELTA": "*fp32"}.get(name, f"*{element}")
+    return "fp32" if name.endswith("scale") else "i32"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=compile_for_cuda.__doc__.split("\n\n")[0])
+    parser.add_argument("--capability", type=int, default=90, help="CUDA compute capability x 10 (default 90)")
+    parser.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), default="bfloat16")
+    args = parser.parse_args(argv)
+    for kernel, shared in compile_for_cuda(args.capability, getattr(torch, args.dtype)).items():
+        print(f"compiled {kernel} for sm_{args.capability} ({args.dtype}): {shared} bytes of shared memory")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,165 @@
+"""The union attention's Triton kernels (bmojo.ops.attention_triton) against the dense reference,
+outputs and gradients.
+
+On a machine without CUDA the kernels run in Triton's interpreter (``TRITON_INTERPRET=1``, which
+tests/conftest.py sets: the same kernel code, executed with NumPy on the CPU), and a
+separate process compiles them for a CUDA GPU (sm_90) with Triton's bundled ``ptxas``, which the
+interpreter never does. Skipped where triton is not installed.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+triton = pytest.importorskip("triton")
+
+from test_attention import assert_same, make_inputs, run_with_grads  # noqa: E402 (tests/ops, pytest's rootdir import)
+
+from bmojo import LanguageModel, ModelConfig  # noqa: E402
+from bmojo.ops import attention_triton  # noqa: E402
+from bmojo.ops.attention import union_attention_reference  # noqa: E402
+from bmojo.ops.attention_triton import INTERPRETED, union_attention_triton  # noqa: E402
+
+DEVICE = torch.device("cpu" if INTERPRETED else "cuda")
+
+# (l, window, fading_span, capacity, chunk_size, hkv, dh): lengths that are not a multiple of the
+# tiles (32 rows in float32), chunks smaller than a tile, as large and larger, a head dimension
+# that is not a power of two, both GQA ratios, no fading tokens and no memory.
+CASES = [
+    (77, 9, 5, 6, 16, 2, 24),
+    (40, 3, 2, 4, 4, 1, 8),
+    (130, 20, 40, 70, 128, 2, 16),
+    (70, 40, 0, 5, 32, 4, 8),
+    (65, 7, 3, None, 8, 2, 8),
+    (33, 1, 1, 3, 5, 2, 8),
+]
+
+
+def on_device(inputs: dict[str, torch.Tensor | None], dtype: torch.dtype = torch.float32) -> dict:
+    return {n: None if t is None else t.to(DEVICE, t.dtype if n == "mem_pos" else dtype) for n, t in inputs.items()}
+
+
+@pytest.mark.parametrize(("l", "window", "fading_span", "capacity", "chunk_size", "hkv", "dh"), CASES)
+def test_kernels_match_reference(l, window, fading_span, capacity, chunk_size, hkv, dh):
+    inputs = on_device(make_inputs(l, hkv, fading_span, capacity, chunk_size, seed=l + window, dh=dh))
+    _, g_ref = assert_same(inputs, atol=1e-5, fast=union_attention_triton, window=window, fading_span=fading_span,
+                           chunk_size=chunk_size)
+    if capacity:
+        assert g_ref["mem_v"].abs().sum() > 0  # the memory was seen by some query
+
+
+def test_memory_scored_with_q_sums_both_gradients():
+    inputs = on_device(make_inputs(50, 2, 3, 5, 8, seed=5, with_q_mem=False))
+    assert_same(inputs, fast=union_attention_triton, window=4, fading_span=3, chunk_size=8)
+
+
+def test_full_causal_without_window():
+    inputs = on_device(make_inputs(70, 2, 0, None, 16, seed=9))
+    assert_same(inputs, fast=union_attention_triton, window=None, chunk_size=16)
+
+
+@pytest.fixture
+def bf16_dot_in_interpreter(monkeypatch):
+    """Triton 3.9's interpreter multiplies bfloat16 operands of ``tl.dot`` as their raw uint16 bits
+    (it widens only 8-bit floats): widen bfloat16 to float32 first, exactly (a 16-bit shift), so
+    the kernels' bfloat16 code (loads, casts of probabilities and stores) runs on the CPU."""
+    if not INTERPRETED:
+        return
+    from triton.runtime import interpreter
+
+    create_dot = interpreter.InterpreterBuilder.create_dot
+
+    def widen(t):
+        if t.dtype != triton.language.bfloat16:
+            return t
+        return interpreter.TensorHandle((t.data.astype(np.uint32) << 16).view(np.float32), triton.language.float32)
+
+    monkeypatch.setattr(interpreter.InterpreterBuilder, "create_dot",
+                        lambda self, a, b, *rest: create_dot(self, widen(a), widen(b), *rest))
+
+
+def test_bfloat16_matches_reference_within_bfloat16_rounding(bf16_dot_in_interpreter):
+    """bf16 inputs: the reference computes in float32 from the same bf16 values; the kernels
+    round the probabilities to bf16 before their products with v (as flash attention does)."""
+    inputs = on_device(make_inputs(77, 2, 5, 6, 16, seed=11, dh=32), torch.bfloat16)
+    kwargs = dict(window=9, fading_span=5, chunk_size=16)
+    out_ref, g_ref = run_with_grads(union_attention_reference, inputs, **kwargs)
+    out, grads = run_with_grads(union_attention_triton, inputs, **kwargs)
+    assert out.dtype == torch.bfloat16
+    for name, value, expected in [("out", out, out_ref), *((n, grads[n], g_ref[n]) for n in g_ref)]:
+        relative = (value.float() - expected.float()).norm() / expected.float().norm()
+        assert relative < 1e-2, (name, relative.item())
+
+
+def test_rejects_mixed_dtypes():
+    inputs = on_device(make_inputs(16, 2, 0, None, 8))
+    inputs["k"] = inputs["k"].double()
+    with pytest.raises(ValueError, match="one dtype"):
+        union_attention_triton(**inputs, window=4, chunk_size=8)
+
+
+def test_rejects_memory_without_window():
+    inputs = on_device(make_inputs(16, 2, 0, 4, 8))
+    with pytest.raises(ValueError, match="finite window"):
+        union_attention_triton(**inputs, window=None, chunk_size=8)
+
+
+# Several chunks and past W + F + M, as tests/models/test_lm.py's tiny models.
+TINY = dict(vocab_size=37, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, window=4, fading_span=3,
+            chunk_size=4, eidetic_per_chunk=2, eidetic_capacity=4, d_state=8, ssm_headdim=16, mlp_ratio=2.0)
+
+
+@pytest.mark.parametrize("arch", ["bmojo", "bmojo-f", "swa"])
+def test_model_with_triton_attention_matches_the_torch_kernel(arch, monkeypatch):
+    """``attention_kernel="triton"``: the same logits, auxiliary loss and parameter gradients as
+    the PyTorch ops, for the layers whose windowed attention it replaces. The innovation
+    predictor is random, not its zero init (where ties would decide the selected tokens)."""
+    torch.manual_seed(0)
+    models = {kernel: LanguageModel(ModelConfig.preset(arch, **TINY, attention_kernel=kernel)).to(DEVICE)
+              for kernel in ("torch", "triton")}
+    with torch.no_grad():
+        for name, param in models["torch"].named_parameters():
+            if ".predictor." in name:
+                param.normal_(0.0, 0.3)
+    models["triton"].load_state_dict(models["torch"].state_dict())
+    kernel_calls = []
+    apply = attention_triton._UnionAttention.apply
+    monkeypatch.setattr(attention_triton._UnionAttention, "apply", lambda *args: kernel_calls.append(1) or apply(*args))
+    tokens = torch.randint(0, TINY["vocab_size"], (2, 45), generator=torch.Generator().manual_seed(1)).to(DEVICE)
+    results = {}
+    for kernel, model in models.items():
+        out = model(tokens)
+        loss = out.logits.float().logsumexp(-1).mean() + out.aux_loss
+        grads = torch.autograd.grad(loss, list(model.parameters()), allow_unused=True, materialize_grads=True)
+        results[kernel] = (out.logits, out.aux_loss, dict(zip([n for n, _ in model.named_parameters()], grads,
+                                                              strict=True)))
+    (logits, aux, grads), (logits_ref, aux_ref, grads_ref) = results["triton"], results["torch"]
+    torch.testing.assert_close(logits, logits_ref, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(aux, aux_ref)
+    for name in grads_ref:
+        torch.testing.assert_close(grads[name], grads_ref[name], atol=1e-5, rtol=1e-4, msg=name)
+    assert len(kernel_calls) == TINY["n_layers"]  # one call per layer, from the triton model only
+
+
+def test_config_rejects_an_unknown_kernel():
+    with pytest.raises(ValueError, match="attention_kernel='cuda' is invalid"):
+        ModelConfig.preset("bmojo", attention_kernel="cuda")
+
+
+@pytest.mark.skipif(not os.path.isdir(os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia")),
+                    reason="this triton has no CUDA backend")
+def test_kernels_compile_for_a_cuda_gpu():
+    """The interpreter never runs Triton's compiler: compile each kernel to a cubin for sm_90,
+    in a process without TRITON_INTERPRET (the kernels are plain JIT functions there)."""
+    env = {**os.environ, "TRITON_INTERPRET": "0", "TRITON_DEFAULT_FP_FUSION": "1"}
+    done = subprocess.run([sys.executable, "-m", "bmojo.ops.attention_triton", "--capability", "90"],
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    compiled = [line for line in done.stdout.splitlines() if line.startswith("compiled")]
+    assert len(compiled) == 4, done.stdout
