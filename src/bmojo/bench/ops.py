@@ -12,7 +12,10 @@ For each sequence length L it times, forward (under ``torch.no_grad``) and forwa
   :func:`bmojo.ops.attention.dense_window_is_faster`;
 - the Mamba-2 block's causal depthwise convolution (``K = 4`` over the ``x, B, C`` channels
   of the SSD case's layer): ``causal_depthwise_conv1d`` (fast) vs PyTorch's grouped
-  ``conv1d`` (baseline, ``causal_depthwise_conv1d_reference``).
+  ``conv1d`` (baseline, ``causal_depthwise_conv1d_reference``);
+- on CUDA with triton installed, the union attention's Triton kernels
+  (``union_attention_triton``, fast) vs ``union_attention_chunked`` (baseline), as a B'MOJO
+  layer calls it and as plain sliding-window attention, in float32 and bfloat16.
 
 Baseline and fast path run alternately in the same loop, so that machine noise hits both.
 Each row gives the median and the spread (min-max) in ms, and the ratio
@@ -196,8 +199,43 @@ def conv_case(batch: int, length: int) -> Case:
     )
 
 
-def build_cases(batch: int, length: int) -> list[Case]:
-    return [
+SHORT_DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16"}
+
+
+def triton_attention_cases(batch: int, length: int, dtype: torch.dtype) -> list[Case]:
+    """The attention cases with fading tokens and memory and with a plain window, in ``dtype``:
+    the Triton kernels (fast) against ``union_attention_chunked`` (baseline)."""
+    from bmojo.ops.attention_triton import union_attention_triton
+
+    cases = []
+    for fading_span, memory_slots in ((FADING_SPAN, MEMORY_SLOTS), (0, 0)):
+        case = attention_case(batch, length, WINDOW, fading_span, memory_slots)
+        kwargs = {name: value.detach().to(dtype).requires_grad_() if isinstance(value, Tensor) and
+                  value.is_floating_point() else value for name, value in case.kwargs.items()}
+        if "q_mem" in kwargs:
+            kwargs["q_mem"] = kwargs["q"]
+        # The blocks hold about five [b, h, L, 2C + W + F + M] float32 score tensors at their peak.
+        keys = 2 * ATTN_CHUNK + WINDOW + fading_span + memory_slots
+        scores_bytes = batch * ATTN_HEADS * length * keys * FP32_BYTES
+        cases.append(Case(op=f"triton {case.op.removeprefix('attn ')} {SHORT_DTYPE_NAMES[dtype]}",
+                          baseline=union_attention_chunked, fast=union_attention_triton, kwargs=kwargs,
+                          baseline_peak_bytes={"fwd": 4 * scores_bytes, "fwd+bwd": 5 * scores_bytes}))
+    return cases
+
+
+def triton_status(device: torch.device) -> str | None:
+    """Why the Triton kernel rows are not timed on ``device``, or None when they are."""
+    if device.type != "cuda":
+        return f"the Triton kernels run on CUDA, not timed on {device.type}"
+    try:
+        import bmojo.ops.attention_triton  # noqa: F401
+    except ImportError as err:
+        return str(err)
+    return None
+
+
+def build_cases(batch: int, length: int, with_triton: bool = False) -> list[Case]:
+    cases = [
         ssd_case(batch, length),
         attention_case(batch, length, WINDOW, FADING_SPAN, MEMORY_SLOTS),
         attention_case(batch, length, WINDOW, fading_span=0, memory_slots=0),
@@ -205,6 +243,10 @@ def build_cases(batch: int, length: int) -> list[Case]:
         window_dispatch_case(batch, length),
         conv_case(batch, length),
     ]
+    if with_triton:
+        cases += [*triton_attention_cases(batch, length, torch.float32),
+                  *triton_attention_cases(batch, length, torch.bfloat16)]
+    return cases
 
 
 def make_runner(fn: Callable, kwargs: dict[str, object], mode: str) -> Callable[[], None]:
@@ -279,7 +321,7 @@ def measure(case: Case, mode: str, length: int, args: argparse.Namespace, device
     return Result(case.op, mode, length, baseline, fast, baseline.median_ms / fast.median_ms)
 
 
-ROW_FORMAT = "{:<24} {:<8} {:>6}  {:>28}  {:>28}  {:>8}  {:>7}"
+ROW_FORMAT = "{:<28} {:<8} {:>6}  {:>28}  {:>28}  {:>8}  {:>7}"
 
 
 def format_timing(t: Timing) -> str:
@@ -328,6 +370,16 @@ def attention_verdict(results: list[Result]) -> str:
     met = slowest.ratio > 1.0
     detail = f"lowest ratio {slowest.ratio:.2f}x: {slowest.op}, {slowest.mode}, L={slowest.length}"
     return f"{claim}: {'met' if met else 'NOT met'} ({detail})"
+
+
+def triton_verdict(results: list[Result]) -> str:
+    """Where the Triton kernels beat the PyTorch ops: the question the GPU run answers."""
+    rows = [r for r in results if r.op.startswith("triton") and r.ratio is not None]
+    if not rows:
+        return "triton kernels vs union_attention_chunked: not measured"
+    faster = [r for r in rows if r.ratio > 1.0]
+    ratios = ", ".join(f"{r.op} {r.mode} L={r.length} {r.ratio:.2f}x" for r in rows)
+    return f"triton kernels faster than union_attention_chunked in {len(faster)} of {len(rows)} rows ({ratios})"
 
 
 def add_ops_parser(subparsers) -> None:
@@ -386,18 +438,21 @@ def run_ops(args: argparse.Namespace) -> int:
     )
     print(f"conv: F.conv1d, groups = channels (baseline) vs shifted multiply-adds (fast); "
           f"channels={CONV_CHANNELS}")
+    no_triton = triton_status(device)
+    print("triton: " + (f"not timed ({no_triton})" if no_triton else
+                        "union_attention_chunked (baseline) vs the Triton kernels (fast), the attn shapes"))
     print("times in ms: median [min-max]; ratio = baseline median / fast median\n")
     print(ROW_FORMAT.format("op", "mode", "L", "baseline ms", "fast ms", "ratio", "repeats"))
     results = []
     for length in lengths:
         with torch.device(device):
-            cases = build_cases(args.batch, length)
+            cases = build_cases(args.batch, length, with_triton=no_triton is None)
         for case in cases:
             for mode in MODES:
                 result = measure(case, mode, length, args, device)
                 results.append(result)
                 print(format_row(result), flush=True)
-    verdicts = [ssd_verdict(results), attention_verdict(results)]
+    verdicts = [ssd_verdict(results), attention_verdict(results)] + ([] if no_triton else [triton_verdict(results)])
     print()
     for verdict in verdicts:
         print(verdict)

@@ -13,11 +13,16 @@ With ``--compile`` every model runs under ``torch.compile`` (the whole model, in
 for each precision and length in one more untimed step before the memory step, so that the memory and
 the times are those of the compiled steps: what kernel fusion by ``torch.compile`` gains, for every
 architecture alike.
+
+``--attention-kernel torch,triton`` times each architecture with windowed attention (W, F, B layers)
+twice, with PyTorch's ops (labelled ``arch``) and with the union attention's Triton kernels
+(``arch+triton``; CUDA), interleaved like the other architectures: what the kernels gain in a step.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import statistics
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -50,7 +55,9 @@ from bmojo.bench.common import (
 from bmojo.bench.flops import PRECISION_DTYPES, matmul_throughput, train_step_flops
 from bmojo.bench.memory import peak_bytes, peak_memory_measure
 from bmojo.compilation import compile_static
+from bmojo.config import ModelConfig
 from bmojo.models.lm import LanguageModel
+from bmojo.ops.attention import ATTENTION_KERNELS
 
 DEFAULTS = {"lengths": "512,1024,2048,4096,8192,16384", "batch": 1, "precision": "bf16,fp32", "repeats": 5,
             "matmul_size": 2048}
@@ -74,6 +81,7 @@ class TrainSettings:
     matmul_size: int
     seed: int
     compile: bool
+    attention_kernels: list[str]
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> TrainSettings:
@@ -86,6 +94,7 @@ class TrainSettings:
             precisions=parse_choices(flag_or_preset(args, preset, "precision"), "--precision", PRECISION_DTYPES),
             matmul_size=require_at_least(flag_or_preset(args, preset, "matmul_size"), 1, "--matmul-size"),
             compile=args.compile,
+            attention_kernels=parse_choices(args.attention_kernel, "--attention-kernel", ATTENTION_KERNELS),
         )
 
 
@@ -122,6 +131,9 @@ def add_train_parser(subparsers) -> None:
     parser.add_argument("--compile", action="store_true",
                         help="time every model under torch.compile (inductor), compiled for each precision and "
                              "length in an extra untimed step; on CPU this needs a C++ compiler")
+    parser.add_argument("--attention-kernel", default="torch",
+                        help="comma-separated: torch, triton (CUDA): the windowed attention's parallel form; with "
+                             "both, architectures with windowed attention run once with each (default: %(default)s)")
     add_common_arguments(parser, default_repeats=DEFAULTS["repeats"])
     parser.set_defaults(func=run_train)
 
@@ -154,11 +166,40 @@ def compiled_models(models: dict[str, LanguageModel], device: torch.device) -> d
     return {arch: compile_static(model, device, "--compile") for arch, model in models.items()}
 
 
+def windowed(config: ModelConfig) -> bool:
+    """Whether ``config`` has layers whose windowed attention ``attention_kernel`` picks (W, F, B)."""
+    return bool(set(config.layer_pattern) & set("WFB"))
+
+
+def with_attention_kernels(configs: dict[str, ModelConfig], kernels: list[str]) -> dict[str, ModelConfig]:
+    """The configs to time, by label: each architecture with windowed attention once per kernel
+    (``arch`` for ``torch``, ``arch+triton`` for ``triton``), the others once."""
+    labelled = {}
+    for arch, config in configs.items():
+        for kernel in kernels if windowed(config) else kernels[:1]:
+            label = arch if kernel == "torch" or not windowed(config) else f"{arch}+{kernel}"
+            labelled[label] = dataclasses.replace(config, attention_kernel=kernel)
+    return labelled
+
+
+def require_attention_kernels(kernels: list[str], device: torch.device) -> None:
+    """``ValueError`` (one line) when ``--attention-kernel triton`` cannot run on ``device``."""
+    if "triton" not in kernels:
+        return
+    try:
+        from bmojo.ops.attention_triton import INTERPRETED
+    except ImportError as err:
+        raise ValueError(f"--attention-kernel triton: {err}") from None
+    if device.type != "cuda" and not INTERPRETED:
+        raise ValueError(f"--attention-kernel triton: the Triton kernels run on CUDA, this run's device is {device}")
+
+
 def benchmark_train(settings: TrainSettings, device: torch.device, progress: bool = True
                     ) -> tuple[dict[str, LanguageModel], dict[str, Spread], list[TrainResult]]:
     """Build the models, measure the matmul throughput and every (precision, length, arch) step.
     Returns the models, the matmul FLOP/s per precision and the results."""
-    configs = matched_configs(settings.archs, settings.shapes, settings.vocab)
+    configs = with_attention_kernels(matched_configs(settings.archs, settings.shapes, settings.vocab),
+                                     settings.attention_kernels)
     torch.manual_seed(settings.seed)
     models = {arch: LanguageModel(config).to(device) for arch, config in configs.items()}
     matmul = {p: matmul_throughput(device, p, settings.matmul_size, settings.repeats, settings.warmup)
@@ -196,7 +237,7 @@ def benchmark_train(settings: TrainSettings, device: torch.device, progress: boo
     return models, matmul, results
 
 
-ROW = "{:<6} {:>6}  {:<12} {:>34}  {:>9}  {:>12}  {:>10}  {:>6}"
+ROW = "{:<6} {:>6}  {:<14} {:>34}  {:>9}  {:>12}  {:>10}  {:>6}"
 
 
 def format_table(results: list[TrainResult]) -> str:
@@ -228,16 +269,19 @@ def run_train(args: argparse.Namespace) -> int:
     """`bmojo bench train`: the table, a plot, and with ``--json`` the JSON document last."""
     settings = TrainSettings.from_args(args)
     device = resolve_device(args.device)
+    require_attention_kernels(settings.attention_kernels, device)
     info = machine_info(device)
     print(f"torch {info['torch']}, device {info['device']} ({info['device_name']}), {info['threads']} threads; "
           f"shapes {settings.size} (widths matched to bmojo's parameters), vocab {settings.vocab}, "
           f"batch {settings.batch}, {settings.repeats} repeats, {settings.warmup} warmup", flush=True)
     print("models: " + ("torch.compile (inductor, static shapes), compiled in an untimed step before the "
                         "memory step of each precision and length" if settings.compile else "eager"), flush=True)
+    print("windowed attention: " + " and ".join({"torch": "PyTorch ops", "triton": "Triton kernels (label +triton)"}
+                                                [kernel] for kernel in settings.attention_kernels), flush=True)
     print(f"allocator: {info['allocator']}", flush=True)
     models, matmul, results = benchmark_train(settings, device, progress=not args.no_progress)
     for arch, model in models.items():
-        print(f"{arch:<12} {model.num_params():>11,} params  d_model {model.config.d_model}")
+        print(f"{arch:<14} {model.num_params():>11,} params  d_model {model.config.d_model}")
     for precision, spread in matmul.items():
         print(f"matmul {settings.matmul_size}x{settings.matmul_size} {precision}: "
               f"{spread.scaled(1e-9).format()} GFLOP/s")
@@ -255,7 +299,7 @@ def run_train(args: argparse.Namespace) -> int:
                          "vocab": settings.vocab, "lengths": settings.lengths, "batch": settings.batch,
                          "precisions": settings.precisions, "repeats": settings.repeats,
                          "warmup": settings.warmup, "matmul_size": settings.matmul_size, "seed": settings.seed,
-                         "compile": settings.compile},
+                         "compile": settings.compile, "attention_kernels": settings.attention_kernels},
             "models": {arch: {"params": m.num_params(), "d_model": m.config.d_model} for arch, m in models.items()},
             "matmul_flops": matmul,
             "peak_memory": peak_memory_measure(device),
