@@ -4,12 +4,18 @@ and an independent per-query computation that uses neither implementation's mask
 from __future__ import annotations
 
 import math
+import sys
 
 import pytest
 import torch
 
 from bmojo.ops import attention_continued, union_attention_chunked, union_attention_reference, union_attention_step
-from bmojo.ops.attention import DENSE_WINDOW_MAX_LEN, dense_window_is_faster, union_attention_blocks
+from bmojo.ops.attention import (
+    DENSE_WINDOW_MAX_LEN,
+    dense_window_is_faster,
+    union_attention_blocks,
+    union_attention_for,
+)
 
 B_, H, DH = 2, 4, 8
 GRAD_NAMES = ("q", "k", "v", "kf", "vf", "mem_k", "mem_v", "q_mem")
@@ -370,3 +376,15 @@ def test_invalid_arguments(fn):
         fn(**{**no_extra, "kf": inputs["kf"], "vf": inputs["vf"]}, window=None, fading_span=2)
     with pytest.raises(ValueError):  # memory per chunk: wrong number of chunks
         fn(**inputs, window=2, fading_span=2, chunk_size=3)
+
+
+def test_kernel_choice_by_name():
+    assert union_attention_for("torch") is union_attention_chunked
+    with pytest.raises(ValueError, match="attention_kernel='flash' is invalid"):
+        union_attention_for("flash")
+
+
+def test_triton_kernel_without_triton_is_a_value_error(monkeypatch):
+    monkeypatch.setitem(sys.modules, "bmojo.ops.attention_triton", None)  # an import of it raises ImportError
+    with pytest.raises(ValueError, match="attention_kernel='triton': "):
+        union_attention_for("triton")

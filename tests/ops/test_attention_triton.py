@@ -97,6 +97,19 @@ def test_bfloat16_matches_reference_within_bfloat16_rounding(bf16_dot_in_interpr
         assert relative < 1e-2, (name, relative.item())
 
 
+def test_autocast_casts_every_input_to_its_dtype(bf16_dot_in_interpreter):
+    """Under autocast, mixed inputs (a float32 query from a norm, bf16 keys) run in autocast's
+    dtype, as the PyTorch ops' matmuls would: the result of all-bf16 inputs."""
+    inputs = on_device(make_inputs(40, 2, 3, 4, 8, seed=4))
+    kwargs = dict(window=5, fading_span=3, chunk_size=8)
+    mixed = {n: t if t is None or n in ("q", "mem_pos") else t.to(torch.bfloat16) for n, t in inputs.items()}
+    with torch.autocast(DEVICE.type, torch.bfloat16):
+        out = union_attention_triton(**mixed, **kwargs)
+    in_bf16 = {n: t if t is None or n == "mem_pos" else t.to(torch.bfloat16) for n, t in inputs.items()}
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out, union_attention_triton(**in_bf16, **kwargs), atol=0, rtol=0)
+
+
 def test_rejects_mixed_dtypes():
     inputs = on_device(make_inputs(16, 2, 0, None, 8))
     inputs["k"] = inputs["k"].double()

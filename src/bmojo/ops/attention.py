@@ -220,12 +220,14 @@ def union_attention_for(kernel: str) -> Callable[..., Tensor]:
     """The union attention's parallel form for a layer's ``attention_kernel``, with the arguments
     and result of :func:`union_attention_reference`: :func:`union_attention_chunked` (``"torch"``)
     or :func:`bmojo.ops.attention_triton.union_attention_triton` (``"triton"``, which needs triton
-    installed and CUDA tensors: an ``ImportError`` here, a ``ValueError`` at the first call)."""
+    installed, else a ``ValueError`` here, and CUDA tensors, else a ``ValueError`` at its first call)."""
     if kernel == "torch":
         return union_attention_chunked
     if kernel == "triton":
-        from bmojo.ops.attention_triton import union_attention_triton
-
+        try:
+            from bmojo.ops.attention_triton import union_attention_triton
+        except ImportError as err:
+            raise ValueError(f"attention_kernel='triton': {err}") from None
         return union_attention_triton
     raise ValueError(f"attention_kernel={kernel!r} is invalid: must be one of {ATTENTION_KERNELS}")
 

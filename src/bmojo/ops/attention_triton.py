@@ -406,8 +406,13 @@ def union_attention_triton(
     scale: float | None = None,
 ) -> Tensor:
     """Same arguments and result as :func:`bmojo.ops.attention.union_attention_reference`,
-    computed by this module's kernels. ``[b, l, h, dh]`` in ``v``'s dtype."""
+    computed by this module's kernels. ``[b, l, h, dh]`` in ``v``'s dtype; under autocast every
+    input is first cast to autocast's dtype, as its matmuls would be."""
     _check_inputs(q, k, v, window, fading_span, kf, vf, mem_k, mem_v, mem_pos, chunk_size)
+    if torch.is_autocast_enabled(q.device.type):
+        dtype = torch.get_autocast_dtype(q.device.type)
+        q, k, v, kf, vf, mem_k, mem_v, q_mem = (None if t is None else t.to(dtype)
+                                                for t in (q, k, v, kf, vf, mem_k, mem_v, q_mem))
     features = [t for t in (q, k, v, kf, vf, mem_k, mem_v, q_mem) if t is not None]
     if q.dtype not in SUPPORTED_DTYPES or any(t.dtype != q.dtype for t in features):
         raise ValueError(f"union_attention_triton needs q, k, v, kf, vf, mem_k, mem_v, q_mem in one dtype of "
