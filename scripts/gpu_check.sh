@@ -1,11 +1,15 @@
 #!/usr/bin/env bash
 # The prepared run for a GPU machine (docs/performance.md, "On a GPU"), in two stages that fit
 # one 10-minute device call each:
-#   STAGE=tests  the device and versions (device.txt; fails if $DEVICE is not there) and the
-#                accelerator tests (tests.log, tests/test_accelerator.py): about 3 minutes;
-#   STAGE=bench  `bmojo bench ops`, then `bench train` one length at a time and `bench decode`
-#                one context at a time, each call in its own log, so a run cut short by its
-#                time limit keeps every measurement finished before: 8.5 minutes at most.
+#   STAGE=tests  the device and versions (device.txt; fails if $DEVICE is not there), the
+#                accelerator tests (tests.log, tests/test_accelerator.py) and the union
+#                attention's Triton kernels against the reference (tests_triton.log,
+#                tests/ops/test_attention_triton.py, compiled for the device): 5 minutes at most;
+#   STAGE=bench  `bmojo bench ops` (with the Triton kernels' rows), then `bench train` one length
+#                at a time, `bench decode` one context at a time, and last B'MOJO's training
+#                step with each attention kernel at 4,096; each call in its own log, so a run
+#                cut short by its time limit keeps every measurement finished before: 9.5
+#                minutes at most.
 # STAGE=all runs both (more than one device call, except with QUICK); STAGE has no default.
 # Everything goes to files in $OUT (default runs/gpu); each step has its own time limit, so a
 # slow step cannot take the others' time.
@@ -13,8 +17,8 @@
 #   STAGE=tests bash scripts/gpu_check.sh; STAGE=bench bash scripts/gpu_check.sh  # on the GPU
 #   DEVICE=cpu QUICK=1 STAGE=all bash scripts/gpu_check.sh   # a dry run of the script, anywhere
 #
-# It needs python3 with torch, numpy, safetensors, tqdm, matplotlib and pytest, and no install:
-# the package runs from src/.
+# It needs python3 with torch, numpy, safetensors, tqdm, matplotlib and pytest (and triton, which
+# CUDA builds of torch install), and no install: the package runs from src/.
 set -uo pipefail
 cd "$(dirname "$0")/.." || exit 2
 
@@ -25,12 +29,13 @@ SIZE=${SIZE:-125m}
 STAGE=${STAGE:-}
 case $STAGE in tests | bench | all) ;; *) echo "STAGE must be tests, bench or all, not '$STAGE'" >&2; exit 2 ;; esac
 if [ -n "${QUICK:-}" ]; then  # the benchmarks' tiny smoke-test shapes, one call each
-    ops_shapes=(--quick) train_runs=(quick) decode_runs=(quick)
+    ops_shapes=(--quick) train_runs=(quick) decode_runs=(quick) kernel_run=(--quick --lengths 64)
 else
     ops_shapes=()
     # The 125m Transformer's matched width gives 78-dim heads, which fp32 SDPA runs in its
     # math kernel (an [H, N, N] score matrix): contexts stop at 16K, where that is 13 GB.
     train_runs=(1024 4096 16384) decode_runs=(1024 4096 16384)
+    kernel_run=(--size "$SIZE" --lengths 4096 --precision bf16 --repeats 3)
 fi
 export PYTHONPATH=$PWD/src${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 BMOJO_TEST_DEVICE=$DEVICE
 mkdir -p "$OUT"
@@ -63,13 +68,14 @@ if device.type == \"cuda\":
     print(torch.cuda.get_device_name(device), torch.cuda.get_device_capability(device))
 '"
     step tests.log 150 "$PYTHON" -m pytest -q -p no:cacheprovider tests/test_accelerator.py
+    step tests_triton.log 120 "$PYTHON" -m pytest -q -p no:cacheprovider -rs tests/ops/test_attention_triton.py
 fi
 if [ "$STAGE" != tests ]; then
     bench=("$PYTHON" -m bmojo bench)
-    step bench_ops.log 60 "${bench[@]}" ops --device "$DEVICE" --json ${ops_shapes[@]+"${ops_shapes[@]}"}
+    step bench_ops.log 90 "${bench[@]}" ops --device "$DEVICE" --json ${ops_shapes[@]+"${ops_shapes[@]}"}
     for run in "${train_runs[@]}"; do
         # shellcheck disable=SC2046  # shapes prints separate words on purpose
-        step "bench_train_$run.log" 100 "${bench[@]}" train --device "$DEVICE" $(shapes train "$run") \
+        step "bench_train_$run.log" 90 "${bench[@]}" train --device "$DEVICE" $(shapes train "$run") \
             --json --no-progress --plot-dir "$OUT/train_$run"
     done
     for run in "${decode_runs[@]}"; do
@@ -77,6 +83,10 @@ if [ "$STAGE" != tests ]; then
         step "bench_decode_$run.log" 50 "${bench[@]}" decode --device "$DEVICE" $(shapes decode "$run") \
             --json --no-progress --plot-dir "$OUT/decode_$run"
     done
+    if [ "$DEVICE" != cpu ]; then  # the Triton kernels run on CUDA
+        step bench_train_kernels.log 60 "${bench[@]}" train --device "$DEVICE" --archs transformer,bmojo \
+            --attention-kernel torch,triton "${kernel_run[@]}" --json --no-progress --plot-dir "$OUT/train_kernels"
+    fi
 fi
 
 if [ ${#failed[@]} -gt 0 ]; then
