@@ -63,7 +63,7 @@ def run_with_grads(fn, inputs, seed: int = 1, **kwargs):
     leaves["mem_pos"] = inputs["mem_pos"]
     out = fn(**leaves, **kwargs)
     gen = torch.Generator().manual_seed(seed)
-    go = torch.randn(out.shape, generator=gen)
+    go = torch.randn(out.shape, generator=gen).to(out.device)
     names = [n for n in GRAD_NAMES if leaves[n] is not None]
     grads = torch.autograd.grad(
         (out * go).sum(), [leaves[n] for n in names], allow_unused=True, materialize_grads=True

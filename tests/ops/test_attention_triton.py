@@ -117,6 +117,13 @@ def test_rejects_mixed_dtypes():
         union_attention_triton(**inputs, window=4, chunk_size=8)
 
 
+def test_rejects_keys_that_do_not_match_the_queries():
+    inputs = on_device(make_inputs(16, 2, 0, None, 8))
+    inputs["k"], inputs["v"] = inputs["k"][:, :12], inputs["v"][:, :12]
+    with pytest.raises(ValueError, match="k, v must be"):
+        union_attention_triton(**inputs, window=4, chunk_size=8)
+
+
 def test_rejects_memory_without_window():
     inputs = on_device(make_inputs(16, 2, 0, 4, 8))
     with pytest.raises(ValueError, match="finite window"):
@@ -167,12 +174,16 @@ def test_config_rejects_an_unknown_kernel():
 
 @pytest.mark.skipif(not os.path.isdir(os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia")),
                     reason="this triton has no CUDA backend")
-def test_kernels_compile_for_a_cuda_gpu():
-    """The interpreter never runs Triton's compiler: compile each kernel to a cubin for sm_90,
-    in a process without TRITON_INTERPRET (the kernels are plain JIT functions there)."""
+def test_every_triton_kernel_compiles_for_a_cuda_gpu():
+    """The interpreter never runs Triton's compiler: compile the attention's and the SSD's kernels
+    to cubins for sm_90 (bmojo.ops.triton_build), in a process without TRITON_INTERPRET."""
     env = {**os.environ, "TRITON_INTERPRET": "0", "TRITON_DEFAULT_FP_FUSION": "1"}
-    done = subprocess.run([sys.executable, "-m", "bmojo.ops.attention_triton", "--capability", "90"],
+    done = subprocess.run([sys.executable, "-m", "bmojo.ops.triton_build", "--capability", "90"],
                           env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
-    compiled = [line for line in done.stdout.splitlines() if line.startswith("compiled")]
-    assert len(compiled) == 4, done.stdout
+    compiled = [line.split()[1] for line in done.stdout.splitlines() if line.startswith("compiled")]
+    assert compiled == [*(f"attention_triton.{k}" for k in ("_forward", "_backward_query", "_backward_keys",
+                                                             "_backward_memory")),
+                        *(f"ssd_triton.{k}" for k in ("_chunk_state", "_chunk_output", "_chunk_output_backward",
+                                                      "_chunk_state_backward", "_chunk_recurrence",
+                                                      "_chunk_recurrence"))], done.stdout

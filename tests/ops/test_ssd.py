@@ -49,8 +49,8 @@ def run_with_grads(fn, inputs, seed: int = 1, **kwargs):
     }
     y, state = fn(**leaves, **kwargs)
     gen = torch.Generator().manual_seed(seed)
-    gy = torch.randn(y.shape, generator=gen, dtype=torch.float32)
-    gs = torch.randn(state.shape, generator=gen, dtype=torch.float32)
+    gy = torch.randn(y.shape, generator=gen, dtype=torch.float32).to(y.device)
+    gs = torch.randn(state.shape, generator=gen, dtype=torch.float32).to(state.device)
     loss = (y.float() * gy).sum() + (state * gs).sum()
     names = [k for k in GRAD_NAMES if leaves[k] is not None]
     grads = torch.autograd.grad(loss, [leaves[k] for k in names])

@@ -6,12 +6,12 @@ sees the raw keys ``[i-W+1, i]``, the fading keys ``[i-W-F+1, i-W]`` and the slo
 ``i // chunk_size`` whose position ``t`` satisfies ``0 <= t <= i - W`` (memory keys scored
 with ``q_mem``). Four kernels:
 
-- ``_forward``: grid ``(query blocks, b·h)``; an online softmax over the three key sets, in
+- ``_forward``: grid ``(b·h, query blocks)``; an online softmax over the three key sets, in
   base 2; stores the output and each row's log-sum-exp for the backward pass.
 - ``_backward_query``: the same grid; ``dq`` (raw and fading keys) and ``dq_mem`` (slots).
-- ``_backward_keys``: grid ``(key blocks, b·hkv)``; ``dk, dv`` of one sequence key set (raw,
+- ``_backward_keys``: grid ``(b·hkv, key blocks)``; ``dk, dv`` of one sequence key set (raw,
   or fading), summed over the queries that see a key and the query heads of its group.
-- ``_backward_memory``: grid ``(slot blocks, b·hkv, chunks)``; ``d mem_k, d mem_v``.
+- ``_backward_memory``: grid ``(b·hkv, slot blocks, chunks)``; ``d mem_k, d mem_v``.
 
 Every output row is written by one program: no atomics, the same result run to run.
 
@@ -20,9 +20,6 @@ interpreter runs the kernels on the CPU with NumPy: how the tests check them wit
 """
 
 from __future__ import annotations
-
-import argparse
-import sys
 
 import torch
 from torch import Tensor
@@ -177,10 +174,10 @@ def _forward(Q, K, V, KF, VF, QM, MK, MV, MPOS, O, LSE,
              length, heads, kv_heads, n_chunks, slots, window, fading_span, chunk_size, qk_scale,
              head_dim, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
              HAS_FADING: tl.constexpr, HAS_MEMORY: tl.constexpr, PRECISION: tl.constexpr):
-    b = tl.program_id(1) // heads
-    h = tl.program_id(1) % heads
+    b = tl.program_id(0) // heads
+    h = tl.program_id(0) % heads
     kv_head = h // (heads // kv_heads)
-    first = tl.program_id(0) * BLOCK_M
+    first = tl.program_id(1) * BLOCK_M
     last = tl.minimum(first + BLOCK_M, length) - 1
     i = first + tl.arange(0, BLOCK_M)  # query positions [BM]
     i_ok = i < length
@@ -210,10 +207,10 @@ def _backward_query(Q, K, V, KF, VF, QM, MK, MV, MPOS, DO, LSE, DELTA, DQ, DQM,
                     length, heads, kv_heads, n_chunks, slots, window, fading_span, chunk_size, qk_scale, sm_scale,
                     head_dim, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                     HAS_FADING: tl.constexpr, HAS_MEMORY: tl.constexpr, PRECISION: tl.constexpr):
-    b = tl.program_id(1) // heads
-    h = tl.program_id(1) % heads
+    b = tl.program_id(0) // heads
+    h = tl.program_id(0) % heads
     kv_head = h // (heads // kv_heads)
-    first = tl.program_id(0) * BLOCK_M
+    first = tl.program_id(1) * BLOCK_M
     last = tl.minimum(first + BLOCK_M, length) - 1
     i = first + tl.arange(0, BLOCK_M)
     i_ok = i < length
@@ -242,10 +239,10 @@ def _backward_query(Q, K, V, KF, VF, QM, MK, MV, MPOS, DO, LSE, DELTA, DQ, DQM,
 def _backward_keys(Q, K, V, DO, LSE, DELTA, DK, DV, length, heads, kv_heads, near, far, qk_scale, sm_scale,
                    head_dim, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                    PRECISION: tl.constexpr):
-    b = tl.program_id(1) // kv_heads
-    kv_head = tl.program_id(1) % kv_heads
+    b = tl.program_id(0) // kv_heads
+    kv_head = tl.program_id(0) % kv_heads
     group = heads // kv_heads
-    first = tl.program_id(0) * BLOCK_N
+    first = tl.program_id(1) * BLOCK_N
     last = tl.minimum(first + BLOCK_N, length) - 1
     j = first + tl.arange(0, BLOCK_N)  # key positions [BN]
     j_ok = j < length
@@ -276,11 +273,11 @@ def _backward_memory(QM, MK, MV, MPOS, DO, LSE, DELTA, DMK, DMV,
                      length, heads, kv_heads, n_chunks, slots, window, chunk_size, qk_scale, sm_scale,
                      head_dim, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                      PRECISION: tl.constexpr):
-    b = tl.program_id(1) // kv_heads
-    kv_head = tl.program_id(1) % kv_heads
+    b = tl.program_id(0) // kv_heads
+    kv_head = tl.program_id(0) % kv_heads
     chunk = tl.program_id(2)
     group = heads // kv_heads
-    s = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)  # slots [BN]
+    s = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)  # slots [BN]
     s_ok = s < slots
     chunk_base = (b.to(tl.int64) * n_chunks + chunk) * slots
     pos = tl.load(MPOS + chunk_base + s, mask=s_ok, other=-1)
@@ -320,7 +317,7 @@ class _UnionAttention(torch.autograd.Function):
         out = torch.empty_like(q, dtype=v.dtype)  # [b, l, h, dh]
         lse = torch.empty(b, h, l, device=q.device, dtype=torch.float32)  # base-2 log-sum-exp per row
         block_d, block_m, block_n = _block_sizes(dh, q.dtype)
-        _forward[(triton.cdiv(l, block_m), b * h)](
+        _forward[(b * h, triton.cdiv(l, block_m))](
             q, k, v, *_or(q, kf, vf, q_mem, mem_k, mem_v, mem_pos), out, lse,
             l, h, k.shape[2], n_chunks, slots, window, fading_span, chunk_size, scale * LOG2E,
             head_dim=dh, BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=block_n, HAS_FADING=has_fading,
@@ -344,7 +341,7 @@ class _UnionAttention(torch.autograd.Function):
         scoring_query = q if q_mem is None else q_mem  # what scores the memory slots
         dq = torch.empty_like(q)
         dq_mem = torch.empty_like(q) if has_memory else None
-        _backward_query[(triton.cdiv(l, block_m), b * h)](
+        _backward_query[(b * h, triton.cdiv(l, block_m))](
             q, k, v, *_or(q, kf, vf, scoring_query, mem_k, mem_v, mem_pos), d_out, lse, delta, dq, *_or(q, dq_mem),
             l, h, hkv, n_chunks, slots, window, fading_span, chunk_size, scale * LOG2E, scale,
             HAS_FADING=has_fading, HAS_MEMORY=has_memory, **tiles)
@@ -352,14 +349,14 @@ class _UnionAttention(torch.autograd.Function):
         key_grads = []
         for keys, values, near, far in key_sets:
             dk, dv = torch.empty_like(keys), torch.empty_like(values)
-            _backward_keys[(triton.cdiv(l, block_n), b * hkv)](
+            _backward_keys[(b * hkv, triton.cdiv(l, block_n))](
                 q, keys, values, d_out, lse, delta, dk, dv, l, h, hkv, near, far, scale * LOG2E, scale, **tiles)
             key_grads += [dk, dv]
         dk, dv, dkf, dvf = key_grads + [None] * (4 - len(key_grads))
         d_mem_k = d_mem_v = None
         if has_memory:
             d_mem_k, d_mem_v = torch.empty_like(mem_k), torch.empty_like(mem_v)
-            _backward_memory[(triton.cdiv(slots, block_n), b * hkv, n_chunks)](
+            _backward_memory[(b * hkv, triton.cdiv(slots, block_n), n_chunks)](
                 scoring_query, mem_k, mem_v, mem_pos, d_out, lse, delta, d_mem_k, d_mem_v,
                 l, h, hkv, n_chunks, slots, window, chunk_size, scale * LOG2E, scale, **tiles)
             if q_mem is None:
@@ -417,56 +414,29 @@ def union_attention_triton(
     if q.dtype not in SUPPORTED_DTYPES or any(t.dtype != q.dtype for t in features):
         raise ValueError(f"union_attention_triton needs q, k, v, kf, vf, mem_k, mem_v, q_mem in one dtype of "
                          f"{SUPPORTED_DTYPES}; got {sorted({str(t.dtype) for t in features})}")
+    b, l, h, dh = q.shape
+    if k.shape[:2] != (b, l) or k.shape[3] != dh or (q_mem is not None and q_mem.shape != q.shape):
+        raise ValueError(f"k, v must be [b, l, hkv, dh] and q_mem [b, l, h, dh] for q {tuple(q.shape)}; got k "
+                         f"{tuple(k.shape)}" + ("" if q_mem is None else f", q_mem {tuple(q_mem.shape)}"))
+    if any(t.device != q.device for t in features + ([mem_pos] if mem_pos is not None else [])):
+        raise ValueError("union_attention_triton needs every tensor on q's device")
     if q.device.type != "cuda" and not INTERPRETED:
         raise ValueError(f"union_attention_triton runs on CUDA tensors, got {q.device} (Triton's CPU interpreter "
                          f"needs TRITON_INTERPRET=1 set before bmojo.ops.attention_triton is imported)")
-    l, dh = q.shape[1], q.shape[3]
     window = l if window is None else window  # full causal: a window over the whole sequence
     scale = dh**-0.5 if scale is None else scale
     inputs = [None if t is None else t.contiguous() for t in (q, k, v, kf, vf, q_mem, mem_k, mem_v, mem_pos)]
     return _UnionAttention.apply(*inputs, window, fading_span, chunk_size, scale)
 
 
-def compile_for_cuda(capability: int = 90, dtype: torch.dtype = torch.bfloat16) -> dict[str, int]:
-    """Compiles the four kernels to cubins for a CUDA GPU of compute ``capability`` (90: H100),
-    without one (Triton's bundled ``ptxas``), at 64-dim heads with fading tokens and memory: the
-    check that they build, which the interpreter never makes. Each kernel's shared memory, bytes."""
-    if INTERPRETED:
-        raise RuntimeError("compile_for_cuda needs the kernels as JIT functions: unset TRITON_INTERPRET")
-    from triton.backends.compiler import GPUTarget
-
-    element = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
-    block_d, block_m, block_n = _block_sizes(64, dtype)
+def cuda_builds(dtype: torch.dtype = torch.bfloat16, head_dim: int = 64) -> list[tuple]:
+    """Each kernel with the constants of ``head_dim``-dim heads in ``dtype``, fading tokens and
+    memory on, for :mod:`bmojo.ops.triton_build`."""
+    block_d, block_m, block_n = _block_sizes(head_dim, dtype)
     tiles = dict(BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=block_n, PRECISION=_precision(dtype))
     flags = dict(HAS_FADING=True, HAS_MEMORY=True)
-    shared = {}
-    for kernel, constants in ((_forward, {**tiles, **flags}), (_backward_query, {**tiles, **flags}),
-                              (_backward_keys, tiles), (_backward_memory, tiles)):
-        signature = {name: "constexpr" if name in constants else _argument_type(name, element)
-                     for name in kernel.arg_names}
-        source = triton.compiler.ASTSource(kernel, signature, constants)
-        compiled = triton.compile(source, target=GPUTarget("cuda", capability, 32))
-        shared[kernel.fn.__name__] = compiled.metadata.shared
-    return shared
-
-
-def _argument_type(name: str, element: str) -> str:
-    """A kernel argument's Triton type, from the naming of this module's kernels: pointers in
-    capitals (positions int64, row statistics float32, features ``element``), scalars in lower case."""
-    if name.isupper():
-        return {"MPOS": "*i64", "LSE": "*fp32", "DELTA": "*fp32"}.get(name, f"*{element}")
-    return "fp32" if name.endswith("scale") else "i32"
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=compile_for_cuda.__doc__.split("\n\n")[0])
-    parser.add_argument("--capability", type=int, default=90, help="CUDA compute capability x 10 (default 90)")
-    parser.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), default="bfloat16")
-    args = parser.parse_args(argv)
-    for kernel, shared in compile_for_cuda(args.capability, getattr(torch, args.dtype)).items():
-        print(f"compiled {kernel} for sm_{args.capability} ({args.dtype}): {shared} bytes of shared memory")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+    pointers = {"MPOS": "*i64", "LSE": "*fp32", "DELTA": "*fp32"}
+    element = {torch.float32: "*fp32", torch.bfloat16: "*bf16", torch.float16: "*fp16"}[dtype]
+    return [(kernel, constants, pointers, element) for kernel, constants in (
+        (_forward, {**tiles, **flags}), (_backward_query, {**tiles, **flags}), (_backward_keys, tiles),
+        (_backward_memory, tiles))]

@@ -11,7 +11,8 @@ Three functions compute it:
 - :func:`ssd_sequential`: the reference, a Python loop over :func:`ssd_step`;
 - :func:`ssd_chunked`: the fast path, the chunked SSD algorithm (quadratic attention-like
   form inside chunks of ``chunk_size`` positions, a linear recurrence over chunk states),
-  with its backward written out (:class:`_ChunkScan`).
+  with its backward written out (:class:`_ChunkScan`), or with ``kernel="triton"`` the same
+  scan as Triton kernels for CUDA (:mod:`bmojo.ops.ssd_triton`).
 
 Whatever the input dtype, and with autocast disabled inside, all computation happens in
 float32 or wider (float64 inputs are computed in float64) (DESIGN.md §8.5); outputs are
@@ -302,6 +303,24 @@ class _ChunkScan(torch.autograd.Function):
         return dx_dt, da, dBc, dCc, d_initial if ctx.needs_input_grad[4] else None
 
 
+SSD_KERNELS = ("torch", "triton")
+
+
+def chunk_scan_for(kernel: str) -> type[torch.autograd.Function]:
+    """The scan of :func:`ssd_chunked` by name: :class:`_ChunkScan` (``"torch"``) or
+    :class:`bmojo.ops.ssd_triton.ChunkScanTriton` (``"triton"``, which needs triton installed,
+    else a ``ValueError`` here, and CUDA tensors, else a ``ValueError`` at its first call)."""
+    if kernel == "torch":
+        return _ChunkScan
+    if kernel == "triton":
+        try:
+            from bmojo.ops.ssd_triton import ChunkScanTriton
+        except ImportError as err:
+            raise ValueError(f"kernel='triton': {err}") from None
+        return ChunkScanTriton
+    raise ValueError(f"kernel={kernel!r} is invalid: must be one of {SSD_KERNELS}")
+
+
 @_without_autocast
 def ssd_chunked(
     x: Tensor,
@@ -312,6 +331,7 @@ def ssd_chunked(
     D: Tensor | None = None,
     initial_state: Tensor | None = None,
     chunk_size: int = 64,
+    kernel: str = "torch",
 ) -> tuple[Tensor, Tensor]:
     """Chunked SSD (Mamba-2, Dao & Gu 2024, "SSD minimal" form), any length ``l``.
 
@@ -322,11 +342,13 @@ def ssd_chunked(
     Everything is laid out head-major and contiguous (``[b, h, c, Q, *]``, one copy in and
     one out), so every product is a plain batched matmul; ``C·B`` is computed once per
     group and broadcast over the group's heads. The scan itself is :class:`_ChunkScan`,
-    whose backward is written out.
+    whose backward is written out, or its Triton kernels (``kernel="triton"``: CUDA, float32
+    accumulation, a ``chunk_size`` that is a power of two >= 16).
     """
     _check_shapes(x, dt, A, B, C)
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    scan = chunk_scan_for(kernel)
     b, l, h, p = x.shape
     g, n = B.shape[-2:]
     out_dtype = x.dtype
@@ -347,7 +369,7 @@ def ssd_chunked(
     Bc, Cc = chunked(B), chunked(C)  # [b, g, c, Q, n]
     a = chunked((dtf * A.to(acc))[..., None])[..., 0]  # [b, h, c, Q]
     state = x.new_zeros(b, h, p, n, dtype=acc) if initial_state is None else initial_state.to(acc)
-    y, final_state = _ChunkScan.apply(x_dt, a, Bc, Cc, state)
+    y, final_state = scan.apply(x_dt, a, Bc, Cc, state)
 
     y = y.view(b, h, nc * Q, p).transpose(1, 2)[:, :l]  # [b, l, h, p]
     if D is not None:

@@ -1,0 +1,74 @@
+"""The chunked SSD's Triton kernels (bmojo.ops.ssd_triton, ``ssd_chunked(kernel="triton")``)
+against the sequential reference, outputs and gradients.
+
+Without CUDA the kernels run in Triton's interpreter (``TRITON_INTERPRET=1``, set by
+tests/conftest.py); tests/ops/test_attention_triton.py compiles every Triton kernel of the
+project for a CUDA GPU (bmojo.ops.triton_build).
+Skipped where triton is not installed.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from test_ssd import make_inputs, run_with_grads  # noqa: E402 (tests/ops, pytest's rootdir import)
+
+from bmojo.ops import ssd_chunked, ssd_sequential, ssd_triton  # noqa: E402
+
+DEVICE = torch.device("cpu" if ssd_triton.INTERPRETED else "cuda")
+
+
+def on_device(inputs: dict[str, torch.Tensor | None]) -> dict[str, torch.Tensor | None]:
+    return {name: None if t is None else t.to(DEVICE) for name, t in inputs.items()}
+
+
+# (l, g, chunk_size, p, n, with_init, with_d): padded last chunks, one chunk and several, both
+# group counts, p and n that are not powers of two or below the 16-wide tiles, with and without
+# an initial state and the D skip.
+CASES = [
+    (45, 2, 16, 8, 8, True, True),
+    (64, 1, 32, 24, 20, False, False),
+    (10, 2, 16, 16, 16, True, False),
+    (100, 1, 16, 40, 8, False, True),
+]
+
+
+@pytest.mark.parametrize(("l", "g", "chunk_size", "p", "n", "with_init", "with_d"), CASES)
+def test_kernels_match_the_sequential_scan(l, g, chunk_size, p, n, with_init, with_d):
+    inputs = on_device(make_inputs(l, g, with_init=with_init, with_d=with_d, seed=l, p=p, n=n))
+    y_ref, s_ref, g_ref = run_with_grads(ssd_sequential, inputs)
+    y, s, grads = run_with_grads(ssd_chunked, inputs, chunk_size=chunk_size, kernel="triton")
+    torch.testing.assert_close(y, y_ref, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(s, s_ref, atol=1e-5, rtol=1e-4)
+    assert grads.keys() == g_ref.keys()
+    for name in g_ref:
+        torch.testing.assert_close(grads[name], g_ref[name], atol=1e-4, rtol=1e-4, msg=name)
+
+
+def test_bfloat16_inputs_accumulate_in_float32():
+    """As the PyTorch scan: bf16 in and out, float32 inside, the same result to bf16 rounding."""
+    inputs = on_device(make_inputs(40, 2, seed=3, dtype=torch.bfloat16))
+    y_ref, s_ref, _ = run_with_grads(ssd_chunked, inputs, chunk_size=16)
+    y, s, _ = run_with_grads(ssd_chunked, inputs, chunk_size=16, kernel="triton")
+    assert y.dtype == torch.bfloat16 and s.dtype == torch.float32
+    torch.testing.assert_close(y, y_ref, atol=1e-2, rtol=1e-2)
+    torch.testing.assert_close(s, s_ref, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize(("chunk_size", "dtype", "message"), [
+    (24, torch.float32, "a chunk_size that is a power of two >= 16, got 24"),
+    (8, torch.float32, "a chunk_size that is a power of two >= 16, got 8"),
+    (16, torch.float64, "the Triton SSD computes in float32, got torch.float64"),
+])
+def test_rejects_what_the_kernels_do_not_compute(chunk_size, dtype, message):
+    inputs = on_device(make_inputs(32, 1, dtype=dtype))
+    with pytest.raises(ValueError, match=message):
+        ssd_chunked(**inputs, chunk_size=chunk_size, kernel="triton")
+
+
+def test_unknown_kernel_is_a_value_error():
+    with pytest.raises(ValueError, match="kernel='cuda' is invalid"):
+        ssd_chunked(**make_inputs(8, 1), kernel="cuda")
