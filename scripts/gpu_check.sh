@@ -3,8 +3,8 @@
 # one 10-minute device call each:
 #   STAGE=tests  the device and versions (device.txt; fails if $DEVICE is not there), the
 #                accelerator tests (tests.log, tests/test_accelerator.py) and the union
-#                attention's Triton kernels against the reference (tests_triton.log,
-#                tests/ops/test_attention_triton.py, compiled for the device): 5 minutes at most;
+#                attention's and the SSD's Triton kernels against their references (tests_triton.log,
+#                tests/ops/test_{attention,ssd}_triton.py, compiled for the device): 5 minutes at most;
 #   STAGE=bench  `bmojo bench ops` (with the Triton kernels' rows), then `bench train` one length
 #                at a time, `bench decode` one context at a time, and last B'MOJO's training
 #                step with each attention kernel at 4,096; each call in its own log, so a run
@@ -68,7 +68,8 @@ if device.type == \"cuda\":
     print(torch.cuda.get_device_name(device), torch.cuda.get_device_capability(device))
 '"
     step tests.log 150 "$PYTHON" -m pytest -q -p no:cacheprovider tests/test_accelerator.py
-    step tests_triton.log 120 "$PYTHON" -m pytest -q -p no:cacheprovider -rs tests/ops/test_attention_triton.py
+    step tests_triton.log 120 "$PYTHON" -m pytest -q -p no:cacheprovider -rs tests/ops/test_attention_triton.py \
+        tests/ops/test_ssd_triton.py
 fi
 if [ "$STAGE" != tests ]; then
     bench=("$PYTHON" -m bmojo bench)
