@@ -170,18 +170,24 @@ def _query_grad_memory(dqm, qm, do, lse, delta, i, first, last, MK, MV, MPOS, b,
 
 
 @triton.jit
+def _query_block(length, heads, kv_heads, BLOCK_M: tl.constexpr):
+    """The query block of a program on grid ``(b·h, query blocks)``: its batch row, head and key
+    head, its first and last positions, the positions ``i [BM]`` and which are in the sequence,
+    and their rows of ``[b·l·h, dh]``."""
+    b = tl.program_id(0) // heads
+    h = tl.program_id(0) % heads
+    first = tl.program_id(1) * BLOCK_M
+    i = first + tl.arange(0, BLOCK_M)
+    q_rows = (b.to(tl.int64) * length + i) * heads + h
+    return b, h, h // (heads // kv_heads), first, tl.minimum(first + BLOCK_M, length) - 1, i, i < length, q_rows
+
+
+@triton.jit
 def _forward(Q, K, V, KF, VF, QM, MK, MV, MPOS, O, LSE,
              length, heads, kv_heads, n_chunks, slots, window, fading_span, chunk_size, qk_scale,
              head_dim, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
              HAS_FADING: tl.constexpr, HAS_MEMORY: tl.constexpr, PRECISION: tl.constexpr):
-    b = tl.program_id(0) // heads
-    h = tl.program_id(0) % heads
-    kv_head = h // (heads // kv_heads)
-    first = tl.program_id(1) * BLOCK_M
-    last = tl.minimum(first + BLOCK_M, length) - 1
-    i = first + tl.arange(0, BLOCK_M)  # query positions [BM]
-    i_ok = i < length
-    q_rows = (b.to(tl.int64) * length + i) * heads + h  # rows of [b*l*h, dh]
+    b, h, kv_head, first, last, i, i_ok, q_rows = _query_block(length, heads, kv_heads, BLOCK_M)
     q = _load_rows(Q, q_rows, i_ok, head_dim, BLOCK_D)  # [BM, BD]
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
@@ -207,15 +213,8 @@ def _backward_query(Q, K, V, KF, VF, QM, MK, MV, MPOS, DO, LSE, DELTA, DQ, DQM,
                     length, heads, kv_heads, n_chunks, slots, window, fading_span, chunk_size, qk_scale, sm_scale,
                     head_dim, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                     HAS_FADING: tl.constexpr, HAS_MEMORY: tl.constexpr, PRECISION: tl.constexpr):
-    b = tl.program_id(0) // heads
-    h = tl.program_id(0) % heads
-    kv_head = h // (heads // kv_heads)
-    first = tl.program_id(1) * BLOCK_M
-    last = tl.minimum(first + BLOCK_M, length) - 1
-    i = first + tl.arange(0, BLOCK_M)
-    i_ok = i < length
-    q_rows = (b.to(tl.int64) * length + i) * heads + h
-    q = _load_rows(Q, q_rows, i_ok, head_dim, BLOCK_D)
+    b, h, kv_head, first, last, i, i_ok, q_rows = _query_block(length, heads, kv_heads, BLOCK_M)
+    q = _load_rows(Q, q_rows, i_ok, head_dim, BLOCK_D)  # [BM, BD]
     do = _load_rows(DO, q_rows, i_ok, head_dim, BLOCK_D)
     row_stats = (b.to(tl.int64) * heads + h) * length + i
     lse = tl.load(LSE + row_stats, mask=i_ok, other=0.0)
