@@ -10,6 +10,7 @@ from typing import Any
 from bmojo.layers.bmojo import EIDETIC_ROPE_MODES
 from bmojo.ops.attention import ATTENTION_KERNELS
 from bmojo.ops.eidetic import POLICIES, SELECTIONS
+from bmojo.ops.ssd import SSD_KERNELS
 from bmojo.ops.storage import OVERFLOW_POLICIES, STORAGE_SOURCES
 from bmojo.serialization import from_dict_strict
 
@@ -91,8 +92,10 @@ class ModelConfig:
     norm_eps: float = 1e-5
     init_std: float = 0.02
     max_seq_len: int = 2048  # initial KV capacity of full-attention layers; their state-size context
-    # the windowed attention's parallel form (W, F, B layers): PyTorch ops, or Triton kernels on CUDA
+    # the parallel forms of the windowed attention (W, F, B layers) and of the SSD scan (S, F, B):
+    # PyTorch ops, or Triton kernels on CUDA
     attention_kernel: str = "torch"
+    ssd_kernel: str = "torch"
 
     def __post_init__(self) -> None:
         if self.arch not in PRESETS:
@@ -151,6 +154,7 @@ class ModelConfig:
                 "must be a number >= 0 (0 removes the MLP)")
         require(self.norm_eps > 0, "norm_eps", "must be > 0")
         require(self.attention_kernel in ATTENTION_KERNELS, "attention_kernel", f"must be one of {ATTENTION_KERNELS}")
+        require(self.ssd_kernel in SSD_KERNELS, "ssd_kernel", f"must be one of {SSD_KERNELS}")
         kinds = set(self.layer_pattern)
         if kinds & set("AWFB"):
             positive_int("n_heads")

@@ -3,6 +3,8 @@ window against a plain explicit-mask implementation, decoding, and causality."""
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 import torch
 
@@ -89,6 +91,18 @@ def test_gradients_equal_plain_attention() -> None:
     torch.testing.assert_close(x.grad, x2.grad, atol=1e-5, rtol=1e-5)
     for n, p in attn.named_parameters():
         torch.testing.assert_close(grads[n], p.grad, atol=1e-5, rtol=1e-5, msg=n)
+
+
+def test_only_a_window_uses_the_attention_kernel(monkeypatch) -> None:
+    """Full causal attention is SDPA whichever ``attention_kernel``: a Transformer layer asks for
+    no Triton; a windowed one does, and says so when triton is missing."""
+    monkeypatch.setitem(sys.modules, "bmojo.ops.attention_triton", None)  # an import of it raises ImportError
+    full = make_attention(2, window=None, qk_norm=False, attention_kernel="triton")
+    reference = make_attention(2, window=None, qk_norm=False)
+    x = _input(20, seed=3)
+    torch.testing.assert_close(full(x), reference(x), atol=0, rtol=0)
+    with pytest.raises(ValueError, match="attention_kernel='triton': "):
+        make_attention(2, window=4, qk_norm=False, attention_kernel="triton")
 
 
 def test_parameter_names() -> None:

@@ -8,6 +8,7 @@ reference key names, with a Python loop over time for the SSM recurrence.
 from __future__ import annotations
 
 import math
+import sys
 
 import pytest
 import torch
@@ -172,6 +173,14 @@ def test_bad_sizes_raise() -> None:
         Mamba2Mixer(32, expand=2, headdim=48)  # d_inner 64 not a multiple of 48
     with pytest.raises(ValueError):
         Mamba2Mixer(32, expand=2, headdim=16, ngroups=3)  # 4 heads, 3 groups
+
+
+def test_ssd_kernel_is_checked_when_the_layer_is_built(monkeypatch) -> None:
+    with pytest.raises(ValueError, match="kernel='cuda' is invalid"):
+        Mamba2Mixer(32, ssd_kernel="cuda")
+    monkeypatch.setitem(sys.modules, "bmojo.ops.ssd_triton", None)  # an import of it raises ImportError
+    with pytest.raises(ValueError, match="kernel='triton': "):
+        Mamba2Mixer(32, ssd_kernel="triton")
 
 
 @pytest.mark.parametrize("ngroups", [1, 2])

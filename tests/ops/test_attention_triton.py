@@ -130,41 +130,60 @@ def test_rejects_memory_without_window():
         union_attention_triton(**inputs, window=None, chunk_size=8)
 
 
-# Several chunks and past W + F + M, as tests/models/test_lm.py's tiny models.
+# Several attention chunks past W + F + M, as tests/models/test_lm.py's tiny models, and two SSD
+# chunks (bmojo.ops.ssd.SSD_CHUNK_SIZE = 32) in the 45-token sequence of the model tests.
 TINY = dict(vocab_size=37, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, window=4, fading_span=3,
             chunk_size=4, eidetic_per_chunk=2, eidetic_capacity=4, d_state=8, ssm_headdim=16, mlp_ratio=2.0)
 
 
-@pytest.mark.parametrize("arch", ["bmojo", "bmojo-f", "swa"])
-def test_model_with_triton_attention_matches_the_torch_kernel(arch, monkeypatch):
-    """``attention_kernel="triton"``: the same logits, auxiliary loss and parameter gradients as
-    the PyTorch ops, for the layers whose windowed attention it replaces. The innovation
-    predictor is random, not its zero init (where ties would decide the selected tokens)."""
+def assert_triton_model_matches_torch(arch: str, triton_fields: dict[str, str],
+                                      kernels: list[type[torch.autograd.Function]], monkeypatch) -> None:
+    """``arch`` with ``triton_fields`` (e.g. ``attention_kernel="triton"``) gives the same logits,
+    auxiliary loss and parameter gradients as with the PyTorch ops, and each of ``kernels`` is
+    applied once per layer. The innovation predictor is random, not its zero init (where ties
+    would decide the selected tokens)."""
     torch.manual_seed(0)
-    models = {kernel: LanguageModel(ModelConfig.preset(arch, **TINY, attention_kernel=kernel)).to(DEVICE)
-              for kernel in ("torch", "triton")}
+    models = {"torch": LanguageModel(ModelConfig.preset(arch, **TINY)).to(DEVICE),
+              "triton": LanguageModel(ModelConfig.preset(arch, **TINY, **triton_fields)).to(DEVICE)}
     with torch.no_grad():
         for name, param in models["torch"].named_parameters():
             if ".predictor." in name:
                 param.normal_(0.0, 0.3)
     models["triton"].load_state_dict(models["torch"].state_dict())
-    kernel_calls = []
-    apply = attention_triton._UnionAttention.apply
-    monkeypatch.setattr(attention_triton._UnionAttention, "apply", lambda *args: kernel_calls.append(1) or apply(*args))
+    calls = {kernel: 0 for kernel in kernels}
+    for kernel in kernels:
+        def counted(*args, kernel=kernel, apply=kernel.apply):
+            calls[kernel] += 1
+            return apply(*args)
+
+        monkeypatch.setattr(kernel, "apply", counted)
     tokens = torch.randint(0, TINY["vocab_size"], (2, 45), generator=torch.Generator().manual_seed(1)).to(DEVICE)
     results = {}
-    for kernel, model in models.items():
+    for name, model in models.items():
         out = model(tokens)
         loss = out.logits.float().logsumexp(-1).mean() + out.aux_loss
+        names = [param_name for param_name, _ in model.named_parameters()]
         grads = torch.autograd.grad(loss, list(model.parameters()), allow_unused=True, materialize_grads=True)
-        results[kernel] = (out.logits, out.aux_loss, dict(zip([n for n, _ in model.named_parameters()], grads,
-                                                              strict=True)))
+        results[name] = (out.logits, out.aux_loss, dict(zip(names, grads, strict=True)))
     (logits, aux, grads), (logits_ref, aux_ref, grads_ref) = results["triton"], results["torch"]
     torch.testing.assert_close(logits, logits_ref, atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(aux, aux_ref)
     for name in grads_ref:
         torch.testing.assert_close(grads[name], grads_ref[name], atol=1e-5, rtol=1e-4, msg=name)
-    assert len(kernel_calls) == TINY["n_layers"]  # one call per layer, from the triton model only
+    assert calls == {kernel: TINY["n_layers"] for kernel in kernels}  # from the triton model only
+
+
+@pytest.mark.parametrize("arch", ["bmojo", "bmojo-f", "swa"])
+def test_model_with_triton_attention_matches_the_torch_kernel(arch, monkeypatch):
+    assert_triton_model_matches_torch(arch, {"attention_kernel": "triton"}, [attention_triton._UnionAttention],
+                                      monkeypatch)
+
+
+def test_model_with_every_triton_kernel_matches_the_torch_ops(monkeypatch):
+    from bmojo.ops.ssd_triton import ChunkScanTriton
+
+    assert_triton_model_matches_torch("bmojo", {"attention_kernel": "triton", "ssd_kernel": "triton"},
+                                      [attention_triton._UnionAttention, ChunkScanTriton], monkeypatch)
 
 
 def test_config_rejects_an_unknown_kernel():

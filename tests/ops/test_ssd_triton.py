@@ -14,8 +14,10 @@ import torch
 
 pytest.importorskip("triton")
 
-from test_ssd import make_inputs, run_with_grads  # noqa: E402 (tests/ops, pytest's rootdir import)
+from test_attention_triton import assert_triton_model_matches_torch  # noqa: E402 (tests/ops, pytest's rootdir import)
+from test_ssd import make_inputs, run_with_grads  # noqa: E402
 
+from bmojo import ModelConfig  # noqa: E402
 from bmojo.ops import ssd_chunked, ssd_sequential, ssd_triton  # noqa: E402
 
 DEVICE = torch.device("cpu" if ssd_triton.INTERPRETED else "cuda")
@@ -72,3 +74,14 @@ def test_rejects_what_the_kernels_do_not_compute(chunk_size, dtype, message):
 def test_unknown_kernel_is_a_value_error():
     with pytest.raises(ValueError, match="kernel='cuda' is invalid"):
         ssd_chunked(**make_inputs(8, 1), kernel="cuda")
+
+
+
+@pytest.mark.parametrize("arch", ["mamba2", "bmojo", "bmojo-f"])
+def test_model_with_triton_ssd_matches_the_torch_kernel(arch, monkeypatch):
+    assert_triton_model_matches_torch(arch, {"ssd_kernel": "triton"}, [ssd_triton.ChunkScanTriton], monkeypatch)
+
+
+def test_config_rejects_an_unknown_ssd_kernel():
+    with pytest.raises(ValueError, match="ssd_kernel='cuda' is invalid"):
+        ModelConfig.preset("mamba2", ssd_kernel="cuda")

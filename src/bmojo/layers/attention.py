@@ -1,7 +1,8 @@
 """Softmax attention layer: full causal (`A`) or sliding window (`W`), DESIGN.md §6.
 
 GQA, RoPE at absolute positions, optional per-head QK RMSNorm. The parallel path uses
-:func:`bmojo.ops.union_attention_chunked` with no fading tokens and no eidetic memory.
+:func:`bmojo.ops.union_attention_chunked` with no fading tokens and no eidetic memory (a window
+with ``attention_kernel="triton"``: :func:`bmojo.ops.attention_triton.union_attention_triton`).
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from torch import Tensor, nn
 
 from bmojo.layers.kv_buffer import KVBuffer
 from bmojo.layers.norm import RMSNorm
-from bmojo.ops.attention import attention_continued, union_attention_chunked, union_attention_for, union_attention_step
+from bmojo.ops.attention import attention_continued, union_attention_for, union_attention_step
 from bmojo.ops.rope import apply_rope, rope_angles
 
 
@@ -39,8 +40,9 @@ class Attention(nn.Module):
         self.window = window
         self.rope_theta = rope_theta
         self.block_size = block_size or window or 64
-        # The windowed parallel form (full causal attention is PyTorch's SDPA either way).
-        self.windowed_attention = union_attention_for(attention_kernel)
+        # The parallel form: ``attention_kernel``'s for a window; full causal attention is
+        # PyTorch's SDPA (through union_attention_chunked) whichever kernel is chosen.
+        self.parallel_attention = union_attention_for(attention_kernel if window is not None else "torch")
         self.q_proj = nn.Linear(d_model, n_heads * self.head_dim, bias=False)
         self.k_proj = nn.Linear(d_model, n_kv_heads * self.head_dim, bias=False)
         self.v_proj = nn.Linear(d_model, n_kv_heads * self.head_dim, bias=False)
@@ -81,8 +83,7 @@ class Attention(nn.Module):
             past_k, past_v = cache.read(start - min(start, self.window or start), start)  # [B, n, Hkv, dh]
             out = attention_continued(q, k, v, past_k, past_v, self.window, self.block_size)
         else:
-            attend = union_attention_chunked if self.window is None else self.windowed_attention
-            out = attend(q, k, v, window=self.window, chunk_size=self.block_size)
+            out = self.parallel_attention(q, k, v, window=self.window, chunk_size=self.block_size)
         if cache is not None:
             if start == 0:
                 cache.clear()

@@ -127,6 +127,7 @@ class BMojoMixer(Attention):
         storage_source: str = "raw",
         qkv_conv: int = 0,
         attention_kernel: str = "torch",
+        ssd_kernel: str = "torch",
     ):
         storage_block_size = chunk_size if storage_block_size is None else storage_block_size
         checks = [
@@ -172,7 +173,7 @@ class BMojoMixer(Attention):
         self.storage_overflow = storage_overflow
         self.storage_source = storage_source
         self.ssm = Mamba2Mixer(d_model, d_state=d_state, d_conv=d_conv, expand=expand, headdim=ssm_headdim,
-                               ngroups=ssm_ngroups)
+                               ngroups=ssm_ngroups, ssd_kernel=ssd_kernel)
         kv_dim = n_kv_heads * self.head_dim
         untied = not tie_fading_proj and fading_span > 0
         self.kf_proj = nn.Linear(d_model, kv_dim, bias=False) if untied else None
@@ -358,7 +359,7 @@ class BMojoMixer(Attention):
             slot_pos = torch.cat(slots, -1)  # [B, nq, M + r*S]
             memory = dict(mem_k=gather_positions(k_eid, slot_pos), mem_v=gather_positions(v, slot_pos),
                           mem_pos=slot_pos, q_mem=q_eid)
-        out = self.windowed_attention(q_rot, k_rot, v, W, Fs, kf, vf, chunk_size=C, **memory)
+        out = self.parallel_attention(q_rot, k_rot, v, W, Fs, kf, vf, chunk_size=C, **memory)
         return self._output(out, f), aux
 
     def _forward_cached(self, x: Tensor, cache: BMojoCache, start: int) -> tuple[Tensor, Tensor]:
@@ -416,7 +417,7 @@ class BMojoMixer(Attention):
             memory = dict(mem_pos=pos, q_mem=with_past(q_eid),
                           mem_k=F.pad(torch.cat(slot_k, 2), (0, 0, 0, 0, 0, 0, past_chunks, 0)),
                           mem_v=F.pad(torch.cat(slot_v, 2), (0, 0, 0, 0, 0, 0, past_chunks, 0)))
-        out = self.windowed_attention(with_past(q_rot), with_past(k_rot, past_k), with_past(v, past_v), W, Fs,
+        out = self.parallel_attention(with_past(q_rot), with_past(k_rot, past_k), with_past(v, past_v), W, Fs,
                                       chunk_size=C, **fading, **memory)[:, n_past:]
         cache.raw.write(k_rot, v, start)
         if cache.fading is not None:

@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 from bmojo.layers.norm import GatedRMSNorm
 from bmojo.ops.conv import causal_depthwise_conv1d
-from bmojo.ops.ssd import SSD_CHUNK_SIZE, ssd_chunked, ssd_step
+from bmojo.ops.ssd import SSD_CHUNK_SIZE, chunk_scan_for, ssd_chunked, ssd_step
 
 
 @dataclass
@@ -30,7 +30,8 @@ class Mamba2Cache:
 
 class Mamba2Mixer(nn.Module):
     """``[B, L, d_model] -> [B, L, d_model]``; ``chunk_size`` is the SSD chunk (not a weight;
-    default :data:`bmojo.ops.ssd.SSD_CHUNK_SIZE`).
+    default :data:`bmojo.ops.ssd.SSD_CHUNK_SIZE`), ``ssd_kernel`` the scan's implementation in
+    the parallel form (``"torch"``, or ``"triton"``: CUDA kernels, :mod:`bmojo.ops.ssd_triton`).
     ``conv1d`` holds the convolution's parameters in the reference layout; the forward pass
     applies them with :func:`bmojo.ops.causal_depthwise_conv1d`."""
 
@@ -49,6 +50,7 @@ class Mamba2Mixer(nn.Module):
         A_init_range: tuple[float, float] = (1.0, 16.0),
         bias: bool = False,
         conv_bias: bool = True,
+        ssd_kernel: str = "torch",
     ):
         super().__init__()
         self.d_model, self.d_state, self.d_conv = d_model, d_state, d_conv
@@ -61,6 +63,8 @@ class Mamba2Mixer(nn.Module):
             raise ValueError(f"number of SSM heads {self.nheads} must be a multiple of ngroups {ngroups}")
         self.ngroups = ngroups
         self.chunk_size = SSD_CHUNK_SIZE if chunk_size is None else chunk_size
+        chunk_scan_for(ssd_kernel)  # a ValueError now for an unknown kernel, or triton missing
+        self.ssd_kernel = ssd_kernel
         self.conv_dim = self.d_inner + 2 * ngroups * d_state
 
         self.in_proj = nn.Linear(d_model, 2 * self.d_inner + 2 * ngroups * d_state + self.nheads, bias=bias)
@@ -106,7 +110,8 @@ class Mamba2Mixer(nn.Module):
             xBC = causal_depthwise_conv1d(xBC, self.conv1d.weight, self.conv1d.bias)
         x, dt, A, B, C = self._ssm_inputs(F.silu(xBC), dt)
         initial_state = cache.ssm_state if continues else None
-        y, final_state = ssd_chunked(x, dt, A, B, C, self.D, initial_state=initial_state, chunk_size=self.chunk_size)
+        y, final_state = ssd_chunked(x, dt, A, B, C, self.D, initial_state=initial_state, chunk_size=self.chunk_size,
+                                     kernel=self.ssd_kernel)
         if cache is not None:
             cache.ssm_state.copy_(final_state.detach())
         y = self.norm(y.flatten(-2), z)

@@ -44,7 +44,7 @@ def build_mixer(kind: str, cfg: ModelConfig) -> nn.Module:
                          attention_kernel=cfg.attention_kernel)
     if kind == "S":
         return Mamba2Mixer(cfg.d_model, d_state=cfg.d_state, d_conv=cfg.d_conv, expand=cfg.expand,
-                           headdim=cfg.ssm_headdim, ngroups=cfg.ssm_ngroups)
+                           headdim=cfg.ssm_headdim, ngroups=cfg.ssm_ngroups, ssd_kernel=cfg.ssd_kernel)
     capacity = cfg.eidetic_capacity if kind == "B" else 0
     return BMojoMixer(
         cfg.d_model, cfg.n_heads, cfg.n_kv_heads, window=cfg.window, fading_span=cfg.fading_span,
@@ -58,6 +58,7 @@ def build_mixer(kind: str, cfg: ModelConfig) -> nn.Module:
         storage_blocks=cfg.storage_blocks if kind == "B" else 0, storage_block_size=cfg.storage_block_size,
         storage_budget_bytes=cfg.storage_budget_bytes, storage_overflow=cfg.storage_overflow,
         storage_source=cfg.storage_source, qkv_conv=cfg.qkv_conv, attention_kernel=cfg.attention_kernel,
+        ssd_kernel=cfg.ssd_kernel,
     )
 
 
