@@ -5,11 +5,11 @@
 #                accelerator tests (tests.log, tests/test_accelerator.py) and the union
 #                attention's and the SSD's Triton kernels against their references (tests_triton.log,
 #                tests/ops/test_{attention,ssd}_triton.py, compiled for the device): 5 minutes at most;
-#   STAGE=bench  `bmojo bench ops` (with the Triton kernels' rows), then `bench train` one length
-#                at a time, `bench decode` one context at a time, and last B'MOJO's training
-#                step with each attention kernel at 4,096; each call in its own log, so a run
-#                cut short by its time limit keeps every measurement finished before: 9.5
-#                minutes at most.
+#   STAGE=bench  `bmojo bench ops` (with the Triton kernels' rows), the training step of
+#                B'MOJO and Mamba-2 with PyTorch's ops and with the Triton kernels at 4,096,
+#                then `bench train` one length at a time and `bench decode` one context at a
+#                time; each call in its own log, so a run cut short by its time limit keeps
+#                every measurement finished before: 9 minutes at most.
 # STAGE=all runs both (more than one device call, except with QUICK); STAGE has no default.
 # Everything goes to files in $OUT (default runs/gpu); each step has its own time limit, so a
 # slow step cannot take the others' time.
@@ -74,20 +74,20 @@ fi
 if [ "$STAGE" != tests ]; then
     bench=("$PYTHON" -m bmojo bench)
     step bench_ops.log 90 "${bench[@]}" ops --device "$DEVICE" --json ${ops_shapes[@]+"${ops_shapes[@]}"}
+    if [ "$DEVICE" != cpu ]; then  # the Triton kernels run on CUDA
+        step bench_train_kernels.log 90 "${bench[@]}" train --device "$DEVICE" --archs transformer,bmojo,mamba2 \
+            --kernel torch,triton "${kernel_run[@]}" --json --no-progress --plot-dir "$OUT/train_kernels"
+    fi
     for run in "${train_runs[@]}"; do
         # shellcheck disable=SC2046  # shapes prints separate words on purpose
-        step "bench_train_$run.log" 90 "${bench[@]}" train --device "$DEVICE" $(shapes train "$run") \
+        step "bench_train_$run.log" 80 "${bench[@]}" train --device "$DEVICE" $(shapes train "$run") \
             --json --no-progress --plot-dir "$OUT/train_$run"
     done
     for run in "${decode_runs[@]}"; do
         # shellcheck disable=SC2046
-        step "bench_decode_$run.log" 50 "${bench[@]}" decode --device "$DEVICE" $(shapes decode "$run") \
+        step "bench_decode_$run.log" 40 "${bench[@]}" decode --device "$DEVICE" $(shapes decode "$run") \
             --json --no-progress --plot-dir "$OUT/decode_$run"
     done
-    if [ "$DEVICE" != cpu ]; then  # the Triton kernels run on CUDA
-        step bench_train_kernels.log 60 "${bench[@]}" train --device "$DEVICE" --archs transformer,bmojo \
-            --attention-kernel torch,triton "${kernel_run[@]}" --json --no-progress --plot-dir "$OUT/train_kernels"
-    fi
 fi
 
 if [ ${#failed[@]} -gt 0 ]; then

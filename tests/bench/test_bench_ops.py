@@ -57,3 +57,17 @@ def test_triton_cases_time_the_kernels_against_the_chunked_attention_on_the_same
         torch.testing.assert_close(case.fast(**case.kwargs), case.baseline(**case.kwargs), atol=1e-5, rtol=1e-4)
     assert all(t.dtype == torch.bfloat16 for t in bench_ops.triton_attention_cases(1, 16, torch.bfloat16)[0]
                .kwargs.values() if isinstance(t, torch.Tensor) and t.is_floating_point())
+
+
+def test_triton_ssd_case_times_the_kernels_against_the_pytorch_scan_on_the_same_inputs():
+    pytest.importorskip("triton")
+    from bmojo.ops.ssd_triton import INTERPRETED
+
+    if not INTERPRETED:
+        pytest.skip("on CUDA the bench run itself times this case")
+    case = bench_ops.triton_ssd_case(1, 100)  # two chunks of 64, the second padded
+    assert case.op == "triton ssd chunk=64 fp32"
+    assert case.fast.keywords == {"chunk_size": 64, "kernel": "triton"} and "kernel" not in case.baseline.keywords
+    (y, state), (y_ref, state_ref) = case.fast(**case.kwargs), case.baseline(**case.kwargs)
+    torch.testing.assert_close(y, y_ref, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(state, state_ref, atol=1e-5, rtol=1e-4)

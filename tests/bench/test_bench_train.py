@@ -148,24 +148,30 @@ def test_compile_without_a_cxx_compiler_is_a_value_error(bench, monkeypatch, tmp
                "--plot-dir", str(tmp_path)])
 
 
-def test_both_attention_kernels_time_each_windowed_arch_twice(bench, json_line, tmp_path, monkeypatch):
-    """``--attention-kernel torch,triton``: B'MOJO once per kernel (on the CPU through Triton's
-    interpreter, tests/conftest.py), the Transformer (no windowed attention) once."""
+def test_both_kernels_time_each_arch_with_attention_or_ssd_twice(bench, json_line, tmp_path, monkeypatch):
+    """``--kernel torch,triton``: B'MOJO once with PyTorch's ops and once with the Triton kernels of
+    both the attention and the SSD (on the CPU through Triton's interpreter, tests/conftest.py);
+    the Transformer (neither) once."""
     pytest.importorskip("triton")
-    from bmojo.ops import attention_triton
+    from bmojo.ops import attention_triton, ssd_triton
 
-    calls = []
-    apply = attention_triton._UnionAttention.apply
-    monkeypatch.setattr(attention_triton._UnionAttention, "apply", lambda *args: calls.append(1) or apply(*args))
+    calls = {"attention": 0, "ssd": 0}
+    for name, kernel in (("attention", attention_triton._UnionAttention), ("ssd", ssd_triton.ChunkScanTriton)):
+        def counted(*args, name=name, apply=kernel.apply):
+            calls[name] += 1
+            return apply(*args)
+
+        monkeypatch.setattr(kernel, "apply", counted)
     code, out = bench(["train", "--quick", "--archs", "transformer,bmojo", "--lengths", "40", "--precision", "fp32",
-                       "--repeats", "1", "--warmup", "0", "--attention-kernel", "torch,triton", "--json",
+                       "--repeats", "1", "--warmup", "0", "--kernel", "torch,triton", "--json",
                        "--no-progress", "--plot-dir", str(tmp_path)])
     doc = json_line(out)
-    assert code == 0 and doc["settings"]["attention_kernels"] == ["torch", "triton"]
+    assert code == 0 and doc["settings"]["kernels"] == ["torch", "triton"]
     assert [r["arch"] for r in doc["results"]] == ["transformer", "bmojo", "bmojo+triton"]
     assert all(r["ratio_to_transformer"] > 0 for r in doc["results"])
-    assert len(calls) == 2 * QUICK_SHAPES["n_layers"]  # the memory step and one timed step, per layer
-    assert "windowed attention: PyTorch ops and Triton kernels (label +triton)" in out
+    # the memory step and one timed step, per layer, in bmojo+triton only
+    assert calls == {"attention": 2 * QUICK_SHAPES["n_layers"], "ssd": 2 * QUICK_SHAPES["n_layers"]}
+    assert "windowed attention and SSD: PyTorch ops and Triton kernels (label +triton)" in out
 
 
 def test_triton_kernel_off_cuda_is_a_value_error(bench, tmp_path, monkeypatch):
@@ -173,6 +179,5 @@ def test_triton_kernel_off_cuda_is_a_value_error(bench, tmp_path, monkeypatch):
     from bmojo.ops import attention_triton
 
     monkeypatch.setattr(attention_triton, "INTERPRETED", False)
-    with pytest.raises(ValueError, match="--attention-kernel triton: the Triton kernels run on CUDA, this run's "
-                                         "device is cpu"):
-        bench(["train", "--quick", "--attention-kernel", "triton", "--plot-dir", str(tmp_path)])
+    with pytest.raises(ValueError, match="--kernel triton: the Triton kernels run on CUDA, this run's device is cpu"):
+        bench(["train", "--quick", "--kernel", "triton", "--plot-dir", str(tmp_path)])

@@ -15,7 +15,8 @@ For each sequence length L it times, forward (under ``torch.no_grad``) and forwa
   ``conv1d`` (baseline, ``causal_depthwise_conv1d_reference``);
 - on CUDA with triton installed, the union attention's Triton kernels
   (``union_attention_triton``, fast) vs ``union_attention_chunked`` (baseline), as a B'MOJO
-  layer calls it and as plain sliding-window attention, in float32 and bfloat16.
+  layer calls it and as plain sliding-window attention, in float32 and bfloat16; and the SSD
+  scan's Triton kernels (``ssd_chunked(kernel="triton")``, fast) vs its PyTorch scan (baseline).
 
 Baseline and fast path run alternately in the same loop, so that machine noise hits both.
 Each row gives the median and the spread (min-max) in ms, and the ratio
@@ -223,12 +224,24 @@ def triton_attention_cases(batch: int, length: int, dtype: torch.dtype) -> list[
     return cases
 
 
+def triton_ssd_case(batch: int, length: int) -> Case:
+    """The SSD case with the scan's Triton kernels (fast) against its PyTorch scan (baseline)."""
+    case = ssd_case(batch, length)
+    # The chunked scan holds a few [b, h, L, Q] score and [b, h, L/Q, p, n] state tensors.
+    chunk_bytes = batch * SSD_HEADS * (length * SSD_CHUNK + math.ceil(length / SSD_CHUNK) * SSD_HEAD_DIM * SSD_STATE
+                                       ) * FP32_BYTES
+    return dataclasses.replace(case, op=f"triton ssd chunk={SSD_CHUNK} fp32", baseline=case.fast,
+                               fast=functools.partial(ssd_chunked, chunk_size=SSD_CHUNK, kernel="triton"),
+                               baseline_peak_bytes={"fwd": 3 * chunk_bytes, "fwd+bwd": 6 * chunk_bytes})
+
+
 def triton_status(device: torch.device) -> str | None:
     """Why the Triton kernel rows are not timed on ``device``, or None when they are."""
     if device.type != "cuda":
         return f"the Triton kernels run on CUDA, not timed on {device.type}"
     try:
         import bmojo.ops.attention_triton  # noqa: F401
+        import bmojo.ops.ssd_triton  # noqa: F401
     except ImportError as err:
         return str(err)
     return None
@@ -245,7 +258,7 @@ def build_cases(batch: int, length: int, with_triton: bool = False) -> list[Case
     ]
     if with_triton:
         cases += [*triton_attention_cases(batch, length, torch.float32),
-                  *triton_attention_cases(batch, length, torch.bfloat16)]
+                  *triton_attention_cases(batch, length, torch.bfloat16), triton_ssd_case(batch, length)]
     return cases
 
 
@@ -376,10 +389,10 @@ def triton_verdict(results: list[Result]) -> str:
     """Where the Triton kernels beat the PyTorch ops: the question the GPU run answers."""
     rows = [r for r in results if r.op.startswith("triton") and r.ratio is not None]
     if not rows:
-        return "triton kernels vs union_attention_chunked: not measured"
+        return "triton kernels vs the PyTorch ops: not measured"
     faster = [r for r in rows if r.ratio > 1.0]
     ratios = ", ".join(f"{r.op} {r.mode} L={r.length} {r.ratio:.2f}x" for r in rows)
-    return f"triton kernels faster than union_attention_chunked in {len(faster)} of {len(rows)} rows ({ratios})"
+    return f"triton kernels faster than the PyTorch ops in {len(faster)} of {len(rows)} rows ({ratios})"
 
 
 def add_ops_parser(subparsers) -> None:
@@ -440,7 +453,8 @@ def run_ops(args: argparse.Namespace) -> int:
           f"channels={CONV_CHANNELS}")
     no_triton = triton_status(device)
     print("triton: " + (f"not timed ({no_triton})" if no_triton else
-                        "union_attention_chunked (baseline) vs the Triton kernels (fast), the attn shapes"))
+                        "the PyTorch ops (baseline) vs the Triton kernels (fast): union_attention_chunked at "
+                        "the attn shapes, ssd_chunked's scan at the ssd shape"))
     print("times in ms: median [min-max]; ratio = baseline median / fast median\n")
     print(ROW_FORMAT.format("op", "mode", "L", "baseline ms", "fast ms", "ratio", "repeats"))
     results = []

@@ -14,9 +14,11 @@ for each precision and length in one more untimed step before the memory step, s
 the times are those of the compiled steps: what kernel fusion by ``torch.compile`` gains, for every
 architecture alike.
 
-``--attention-kernel torch,triton`` times each architecture with windowed attention (W, F, B layers)
-twice, with PyTorch's ops (labelled ``arch``) and with the union attention's Triton kernels
-(``arch+triton``; CUDA), interleaved like the other architectures: what the kernels gain in a step.
+``--kernel torch,triton`` times each architecture with windowed attention or an SSD (W, F, B, S
+layers) twice, with PyTorch's ops (labelled ``arch``) and with the Triton kernels of the union
+attention and the SSD scan (``arch+triton``: ``attention_kernel`` and ``ssd_kernel`` both
+``"triton"``; CUDA), interleaved like the other architectures: what the kernels gain in a step.
+``bmojo bench ops`` times each op's kernels on its own.
 """
 
 from __future__ import annotations
@@ -58,6 +60,7 @@ from bmojo.compilation import compile_static
 from bmojo.config import ModelConfig
 from bmojo.models.lm import LanguageModel
 from bmojo.ops.attention import ATTENTION_KERNELS
+from bmojo.ops.ssd import SSD_KERNELS
 
 DEFAULTS = {"lengths": "512,1024,2048,4096,8192,16384", "batch": 1, "precision": "bf16,fp32", "repeats": 5,
             "matmul_size": 2048}
@@ -81,7 +84,7 @@ class TrainSettings:
     matmul_size: int
     seed: int
     compile: bool
-    attention_kernels: list[str]
+    kernels: list[str]  # "torch" and/or "triton": both attention_kernel and ssd_kernel
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> TrainSettings:
@@ -94,7 +97,7 @@ class TrainSettings:
             precisions=parse_choices(flag_or_preset(args, preset, "precision"), "--precision", PRECISION_DTYPES),
             matmul_size=require_at_least(flag_or_preset(args, preset, "matmul_size"), 1, "--matmul-size"),
             compile=args.compile,
-            attention_kernels=parse_choices(args.attention_kernel, "--attention-kernel", ATTENTION_KERNELS),
+            kernels=parse_choices(args.kernel, "--kernel", KERNELS),
         )
 
 
@@ -131,9 +134,10 @@ def add_train_parser(subparsers) -> None:
     parser.add_argument("--compile", action="store_true",
                         help="time every model under torch.compile (inductor), compiled for each precision and "
                              "length in an extra untimed step; on CPU this needs a C++ compiler")
-    parser.add_argument("--attention-kernel", default="torch",
-                        help="comma-separated: torch, triton (CUDA): the windowed attention's parallel form; with "
-                             "both, architectures with windowed attention run once with each (default: %(default)s)")
+    parser.add_argument("--kernel", default="torch",
+                        help="comma-separated: torch, triton (CUDA): the parallel forms of the windowed attention "
+                             "and the SSD scan; with both, architectures with either run once with each "
+                             "(default: %(default)s)")
     add_common_arguments(parser, default_repeats=DEFAULTS["repeats"])
     parser.set_defaults(func=run_train)
 
@@ -166,40 +170,44 @@ def compiled_models(models: dict[str, LanguageModel], device: torch.device) -> d
     return {arch: compile_static(model, device, "--compile") for arch, model in models.items()}
 
 
-def windowed(config: ModelConfig) -> bool:
-    """Whether ``config`` has layers whose windowed attention ``attention_kernel`` picks (W, F, B)."""
-    return bool(set(config.layer_pattern) & set("WFB"))
+KERNELS = tuple(kernel for kernel in ATTENTION_KERNELS if kernel in SSD_KERNELS)
 
 
-def with_attention_kernels(configs: dict[str, ModelConfig], kernels: list[str]) -> dict[str, ModelConfig]:
-    """The configs to time, by label: each architecture with windowed attention once per kernel
-    (``arch`` for ``torch``, ``arch+triton`` for ``triton``), the others once."""
+def has_kernels(config: ModelConfig) -> bool:
+    """Whether ``config`` has layers whose parallel form ``attention_kernel`` or ``ssd_kernel``
+    picks (windowed attention in W, F, B; the SSD in S, F, B)."""
+    return bool(set(config.layer_pattern) & set("WFBS"))
+
+
+def with_kernels(configs: dict[str, ModelConfig], kernels: list[str]) -> dict[str, ModelConfig]:
+    """The configs to time, by label: each architecture with windowed attention or an SSD once per
+    kernel (``arch`` for ``torch``, ``arch+triton`` for ``triton``), the others once."""
     labelled = {}
     for arch, config in configs.items():
-        for kernel in kernels if windowed(config) else kernels[:1]:
-            label = arch if kernel == "torch" or not windowed(config) else f"{arch}+{kernel}"
-            labelled[label] = dataclasses.replace(config, attention_kernel=kernel)
+        for kernel in kernels if has_kernels(config) else kernels[:1]:
+            label = arch if kernel == "torch" or not has_kernels(config) else f"{arch}+{kernel}"
+            labelled[label] = dataclasses.replace(config, attention_kernel=kernel, ssd_kernel=kernel)
     return labelled
 
 
-def require_attention_kernels(kernels: list[str], device: torch.device) -> None:
-    """``ValueError`` (one line) when ``--attention-kernel triton`` cannot run on ``device``."""
+def require_kernels(kernels: list[str], device: torch.device) -> None:
+    """``ValueError`` (one line) when ``--kernel triton`` cannot run on ``device``."""
     if "triton" not in kernels:
         return
     try:
+        import bmojo.ops.ssd_triton  # noqa: F401
         from bmojo.ops.attention_triton import INTERPRETED
     except ImportError as err:
-        raise ValueError(f"--attention-kernel triton: {err}") from None
+        raise ValueError(f"--kernel triton: {err}") from None
     if device.type != "cuda" and not INTERPRETED:
-        raise ValueError(f"--attention-kernel triton: the Triton kernels run on CUDA, this run's device is {device}")
+        raise ValueError(f"--kernel triton: the Triton kernels run on CUDA, this run's device is {device}")
 
 
 def benchmark_train(settings: TrainSettings, device: torch.device, progress: bool = True
                     ) -> tuple[dict[str, LanguageModel], dict[str, Spread], list[TrainResult]]:
     """Build the models, measure the matmul throughput and every (precision, length, arch) step.
     Returns the models, the matmul FLOP/s per precision and the results."""
-    configs = with_attention_kernels(matched_configs(settings.archs, settings.shapes, settings.vocab),
-                                     settings.attention_kernels)
+    configs = with_kernels(matched_configs(settings.archs, settings.shapes, settings.vocab), settings.kernels)
     torch.manual_seed(settings.seed)
     models = {arch: LanguageModel(config).to(device) for arch, config in configs.items()}
     matmul = {p: matmul_throughput(device, p, settings.matmul_size, settings.repeats, settings.warmup)
@@ -269,15 +277,16 @@ def run_train(args: argparse.Namespace) -> int:
     """`bmojo bench train`: the table, a plot, and with ``--json`` the JSON document last."""
     settings = TrainSettings.from_args(args)
     device = resolve_device(args.device)
-    require_attention_kernels(settings.attention_kernels, device)
+    require_kernels(settings.kernels, device)
     info = machine_info(device)
     print(f"torch {info['torch']}, device {info['device']} ({info['device_name']}), {info['threads']} threads; "
           f"shapes {settings.size} (widths matched to bmojo's parameters), vocab {settings.vocab}, "
           f"batch {settings.batch}, {settings.repeats} repeats, {settings.warmup} warmup", flush=True)
     print("models: " + ("torch.compile (inductor, static shapes), compiled in an untimed step before the "
                         "memory step of each precision and length" if settings.compile else "eager"), flush=True)
-    print("windowed attention: " + " and ".join({"torch": "PyTorch ops", "triton": "Triton kernels (label +triton)"}
-                                                [kernel] for kernel in settings.attention_kernels), flush=True)
+    print("windowed attention and SSD: " + " and ".join({"torch": "PyTorch ops", "triton": "Triton kernels (label "
+                                                         "+triton)"}[kernel] for kernel in settings.kernels),
+          flush=True)
     print(f"allocator: {info['allocator']}", flush=True)
     models, matmul, results = benchmark_train(settings, device, progress=not args.no_progress)
     for arch, model in models.items():
@@ -299,7 +308,7 @@ def run_train(args: argparse.Namespace) -> int:
                          "vocab": settings.vocab, "lengths": settings.lengths, "batch": settings.batch,
                          "precisions": settings.precisions, "repeats": settings.repeats,
                          "warmup": settings.warmup, "matmul_size": settings.matmul_size, "seed": settings.seed,
-                         "compile": settings.compile, "attention_kernels": settings.attention_kernels},
+                         "compile": settings.compile, "kernels": settings.kernels},
             "models": {arch: {"params": m.num_params(), "d_model": m.config.d_model} for arch, m in models.items()},
             "matmul_flops": matmul,
             "peak_memory": peak_memory_measure(device),
