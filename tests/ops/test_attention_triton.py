@@ -29,8 +29,9 @@ from bmojo.ops.attention_triton import INTERPRETED, union_attention_triton  # no
 DEVICE = torch.device("cpu" if INTERPRETED else "cuda")
 
 # (l, window, fading_span, capacity, chunk_size, hkv, dh): lengths that are not a multiple of the
-# tiles (32 rows in float32), chunks smaller than a tile, as large and larger, a head dimension
-# that is not a power of two, both GQA ratios, no fading tokens and no memory.
+# tiles (32 rows in float32 up to 64-dim heads, 16 beyond), chunks smaller than a tile, as large
+# and larger, head dimensions that are not a power of two, both GQA ratios, no fading tokens and
+# no memory.
 CASES = [
     (77, 9, 5, 6, 16, 2, 24),
     (40, 3, 2, 4, 4, 1, 8),
@@ -38,6 +39,7 @@ CASES = [
     (70, 40, 0, 5, 32, 4, 8),
     (65, 7, 3, None, 8, 2, 8),
     (33, 1, 1, 3, 5, 2, 8),
+    (40, 6, 5, 4, 16, 2, 100),  # padded to 128 dims: float32 takes 16-row tiles
 ]
 
 
@@ -206,3 +208,17 @@ def test_every_triton_kernel_compiles_for_a_cuda_gpu():
                         *(f"ssd_triton.{k}" for k in ("_chunk_state", "_chunk_output", "_chunk_output_backward",
                                                       "_chunk_state_backward", "_chunk_recurrence",
                                                       "_chunk_recurrence"))], done.stdout
+
+
+@pytest.mark.skipif(not os.path.isdir(os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia")),
+                    reason="this triton has no CUDA backend")
+def test_widest_heads_fit_the_shared_memory_of_every_cuda_gpu_since_sm_80():
+    """float32 inputs with 256-dim heads, the attention's largest tiles in bytes, compiled for an
+    RTX 30 (sm_86, 99 KB of shared memory per block, the least of sm_80 to sm_90)."""
+    env = {**os.environ, "TRITON_INTERPRET": "0", "TRITON_DEFAULT_FP_FUSION": "1"}
+    done = subprocess.run([sys.executable, "-m", "bmojo.ops.triton_build", "--capability", "86", "--dtype",
+                           "float32", "--head-dim", "256"], env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    shared = {line.split()[1]: int(line.split()[4]) for line in done.stdout.splitlines()
+              if line.startswith("compiled attention")}
+    assert len(shared) == 4 and max(shared.values()) <= 99 * 1024, shared

@@ -372,11 +372,16 @@ def _or(placeholder: Tensor, *tensors: Tensor | None) -> list[Tensor]:
 
 def _block_sizes(head_dim: int, dtype: torch.dtype) -> tuple[int, int, int]:
     """``(BLOCK_D, BLOCK_M, BLOCK_N)``: the head dimension padded to a power of two (>= 16, the
-    smallest ``tl.dot``), and 64-row tiles for 16-bit inputs up to 64-dim heads, 32-row tiles
-    otherwise (full-precision float32 products run on the CUDA cores: a 64-row tile needs twice the
-    shared memory, 115 KB in the backward pass, and compiles 3-4x slower, for no tensor-core gain)."""
+    smallest ``tl.dot``), and tiles of as many rows as keep the backward's shared memory under
+    the 99 KB of sm_86/89 at sm_90's count. 16-bit inputs: 64 rows up to 64-dim heads, 32 beyond
+    (74 KB at 256). float32, whose full-precision products run on the CUDA cores: 32 rows up to
+    64-dim heads (54 KB; 64 rows needed 115 KB and compiled 3-4x slower), 16 rows beyond (the
+    smallest ``tl.dot``; 32 rows needed 103 KB at 128 and 201 KB at 256)."""
     block_d = max(16, triton.next_power_of_2(head_dim))
-    block = 64 if block_d <= 64 and dtype != torch.float32 else 32
+    if dtype == torch.float32:
+        block = 32 if block_d <= 64 else 16
+    else:
+        block = 64 if block_d <= 64 else 32
     return block_d, block, block
 
 

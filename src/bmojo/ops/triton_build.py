@@ -53,8 +53,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--capability", type=int, default=90, help="CUDA compute capability x 10 (default 90)")
     parser.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), default="bfloat16",
                         help="the attention's inputs (the SSD computes in float32)")
+    parser.add_argument("--head-dim", type=int, default=64, help="the attention's head dimension (default 64)")
     args = parser.parse_args(argv)
-    builds = [*attention_triton.cuda_builds(getattr(torch, args.dtype)), *ssd_triton.cuda_builds()]
+    if args.head_dim < 1:
+        parser.error(f"--head-dim must be >= 1, got {args.head_dim}")
+    builds = [*attention_triton.cuda_builds(getattr(torch, args.dtype), args.head_dim), *ssd_triton.cuda_builds()]
     for kernel, shared in compile_for_cuda(builds, args.capability):
         print(f"compiled {kernel} for sm_{args.capability}: {shared} bytes of shared memory")
     return 0
