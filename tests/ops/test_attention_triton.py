@@ -61,6 +61,37 @@ def test_memory_scored_with_q_sums_both_gradients():
     assert_same(inputs, fast=union_attention_triton, window=4, fading_span=3, chunk_size=8)
 
 
+@pytest.mark.parametrize(("wanted", "launches"), [
+    (("q",), {"_backward_query": 1}),
+    (("kf",), {"_backward_keys": 1}),
+    (("k", "mem_v"), {"_backward_keys": 1, "_backward_memory": 1}),
+    (("q_mem",), {"_backward_query": 1}),
+])
+def test_backward_runs_only_the_kernels_of_the_inputs_that_need_a_gradient(wanted, launches, monkeypatch):
+    """Only ``wanted`` require grad: their gradients equal the reference's, and the backward
+    launches the kernels that make them and no other."""
+    inputs = on_device(make_inputs(45, 2, 5, 6, 16, seed=11))
+    counts = {}
+    for name in ("_backward_query", "_backward_keys", "_backward_memory"):
+        kernel = getattr(attention_triton, name)
+
+        class Counted:  # kernel[grid](...) as Triton launches it, counted
+            def __getitem__(self, grid, name=name, kernel=kernel):
+                counts[name] = counts.get(name, 0) + 1
+                return kernel[grid]
+
+        monkeypatch.setattr(attention_triton, name, Counted())
+    grads = {}
+    for fn in (union_attention_reference, union_attention_triton):
+        leaves = {n: t if t is None or n not in wanted else t.clone().requires_grad_() for n, t in inputs.items()}
+        out = fn(**leaves, window=4, fading_span=5, chunk_size=16)
+        grads[fn] = torch.autograd.grad(out.square().sum(), [leaves[n] for n in wanted])
+    for name, grad, grad_ref in zip(wanted, grads[union_attention_triton], grads[union_attention_reference],
+                                    strict=True):
+        torch.testing.assert_close(grad, grad_ref, atol=1e-5, rtol=1e-4, msg=name)
+    assert counts == launches
+
+
 def test_full_causal_without_window():
     inputs = on_device(make_inputs(70, 2, 0, None, 16, seed=9))
     assert_same(inputs, fast=union_attention_triton, window=None, chunk_size=16)

@@ -338,29 +338,36 @@ class _UnionAttention(torch.autograd.Function):
         d_out = d_out.contiguous()
         delta = (d_out.float() * out.float()).sum(-1).transpose(1, 2).contiguous()  # [b, h, l]: Σ_d dO·O
         scoring_query = q if q_mem is None else q_mem  # what scores the memory slots
-        dq = torch.empty_like(q)
-        dq_mem = torch.empty_like(q) if has_memory else None
-        _backward_query[(b * h, triton.cdiv(l, block_m))](
-            q, k, v, *_or(q, kf, vf, scoring_query, mem_k, mem_v, mem_pos), d_out, lse, delta, dq, *_or(q, dq_mem),
-            l, h, hkv, n_chunks, slots, window, fading_span, chunk_size, scale * LOG2E, scale,
-            HAS_FADING=has_fading, HAS_MEMORY=has_memory, **tiles)
-        key_sets = [(k, v, 0, window - 1)] + ([(kf, vf, window, window + fading_span - 1)] if has_fading else [])
+        needs = ctx.needs_input_grad  # q, k, v, kf, vf, q_mem, mem_k, mem_v, ...: a kernel runs for those needed
+        dq = dq_mem = None
+        if needs[0] or needs[5]:
+            dq = torch.empty_like(q)
+            dq_mem = torch.empty_like(q) if has_memory else None
+            _backward_query[(b * h, triton.cdiv(l, block_m))](
+                q, k, v, *_or(q, kf, vf, scoring_query, mem_k, mem_v, mem_pos), d_out, lse, delta, dq, *_or(q, dq_mem),
+                l, h, hkv, n_chunks, slots, window, fading_span, chunk_size, scale * LOG2E, scale,
+                HAS_FADING=has_fading, HAS_MEMORY=has_memory, **tiles)
+            if q_mem is None and has_memory:
+                dq += dq_mem
+                dq_mem = None
+        key_sets = [(k, v, 0, window - 1, needs[1] or needs[2])]
+        if has_fading:
+            key_sets.append((kf, vf, window, window + fading_span - 1, needs[3] or needs[4]))
         key_grads = []
-        for keys, values, near, far in key_sets:
-            dk, dv = torch.empty_like(keys), torch.empty_like(values)
-            _backward_keys[(b * hkv, triton.cdiv(l, block_n))](
-                q, keys, values, d_out, lse, delta, dk, dv, l, h, hkv, near, far, scale * LOG2E, scale, **tiles)
+        for keys, values, near, far, needed in key_sets:
+            dk = dv = None
+            if needed:
+                dk, dv = torch.empty_like(keys), torch.empty_like(values)
+                _backward_keys[(b * hkv, triton.cdiv(l, block_n))](
+                    q, keys, values, d_out, lse, delta, dk, dv, l, h, hkv, near, far, scale * LOG2E, scale, **tiles)
             key_grads += [dk, dv]
         dk, dv, dkf, dvf = key_grads + [None] * (4 - len(key_grads))
         d_mem_k = d_mem_v = None
-        if has_memory:
+        if has_memory and (needs[6] or needs[7]):
             d_mem_k, d_mem_v = torch.empty_like(mem_k), torch.empty_like(mem_v)
             _backward_memory[(b * hkv, triton.cdiv(slots, block_n), n_chunks)](
                 scoring_query, mem_k, mem_v, mem_pos, d_out, lse, delta, d_mem_k, d_mem_v,
                 l, h, hkv, n_chunks, slots, window, chunk_size, scale * LOG2E, scale, **tiles)
-            if q_mem is None:
-                dq += dq_mem
-                dq_mem = None
         return dq, dk, dv, dkf, dvf, dq_mem, d_mem_k, d_mem_v, None, None, None, None, None
 
 
