@@ -37,11 +37,11 @@ QUICK_SHAPES: dict[str, Any] = {
     "d_model": 32, "n_layers": 2, "n_heads": 2, "window": 16, "fading_span": 16, "chunk_size": 16,
     "eidetic_per_chunk": 2, "eidetic_capacity": 8, "d_state": 8, "ssm_headdim": 16, "mlp_ratio": 2.0,
 }
-# ModelConfig fields that `bench train` and `bench decode` can override, as flags --d-model etc.,
-# with the smallest value each takes (qkv_conv 0: no convolution over q, k, v).
-SHAPE_FLAGS = {"d_model": 1, "n_layers": 1, "n_heads": 1, "window": 1, "qkv_conv": 0}
-SHAPE_FLAG_NOTES = {"qkv_conv": "; B'MOJO's F and B layers only: the other archs get the widths matching "
-                                "the resulting parameter count"}
+# ModelConfig fields that `bench train` and `bench decode` can override, as flags --d-model etc.:
+# the smallest value each takes (qkv_conv 0: no convolution over q, k, v), and a note for its help.
+SHAPE_FLAGS = {"d_model": (1, ""), "n_layers": (1, ""), "n_heads": (1, ""), "window": (1, ""),
+               "qkv_conv": (0, "; B'MOJO's F and B layers only: the other archs get the widths matching the "
+                               "resulting parameter count")}
 
 
 @dataclass
@@ -129,8 +129,7 @@ def add_common_arguments(parser, default_repeats: int) -> None:
                         help=f"B'MOJO shapes from LM_SIZES, one of {','.join(LM_SIZES)} (default: {DEFAULT_SIZE}); "
                              "the other architectures get the width matching its parameter count")
     parser.add_argument("--vocab", type=int, default=DEFAULT_VOCAB, help="vocabulary size (default: %(default)s)")
-    for field in SHAPE_FLAGS:
-        note = SHAPE_FLAG_NOTES.get(field, "")
+    for field, (_, note) in SHAPE_FLAGS.items():
         parser.add_argument(f"--{field.replace('_', '-')}", dest=field, type=int, default=None,
                             help=f"override the size's {field} (before matching widths){note}")
     parser.add_argument("--repeats", type=int, default=None,
@@ -157,7 +156,7 @@ def model_shapes(args) -> tuple[str, dict[str, Any]]:
         if name not in LM_SIZES:
             raise ValueError(f"--size: unknown size {name!r}; choose from {','.join(LM_SIZES)}")
         shapes = dict(LM_SIZES[name])
-    for field, minimum in SHAPE_FLAGS.items():
+    for field, (minimum, _) in SHAPE_FLAGS.items():
         value = getattr(args, field)
         if value is not None:
             shapes[field] = require_at_least(value, minimum, f"--{field.replace('_', '-')}")
