@@ -190,3 +190,17 @@ def test_user_mistake_under_torchrun_is_an_error_of_each_rank(tmp_path):
     result = torchrun_bmojo("train", "--out", str(tmp_path), "--max-steps", "2", *TINY, "--batch-size", "3")
     assert result.returncode != 0
     assert "error: [rank 0] batch_size=3 is the global batch" in result.stderr
+
+
+def test_triton_kernels_on_the_cpu_fail_before_anything_is_written(tmp_path):
+    """Without Triton's interpreter (which tests/conftest.py turns on for this process), the
+    kernels need CUDA: a one-line error before the output directory exists."""
+    pytest.importorskip("triton")
+    out = tmp_path / "run"
+    result = subprocess.run([sys.executable, "-m", "bmojo", "train", "--ssd-kernel", "triton", "--device", "cpu",
+                             "--out", str(out), *TINY], capture_output=True, text=True,
+                            env={**os.environ, "TRITON_INTERPRET": "0"})
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr and not out.exists()
+    assert result.stderr.strip().splitlines()[-1] == ("error: ssd_kernel='triton': the Triton kernels run on CUDA, "
+                                                     "this run's device is cpu")

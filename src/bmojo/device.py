@@ -1,10 +1,39 @@
-"""The device every command runs on when none is given: CUDA when available, else the CPU."""
+"""The device every command runs on when none is given: CUDA when available, else the CPU; and
+whether a model's Triton kernels can run on a device."""
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
+
+if TYPE_CHECKING:
+    from bmojo.config import ModelConfig
+
+KERNEL_FIELDS = ("attention_kernel", "ssd_kernel")
 
 
 def device_or_default(device: str | None) -> str:
     """``device`` as given, or ``"cuda"`` when a GPU is available, else ``"cpu"``."""
     return device or ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def triton_unavailable(device: str | torch.device) -> str | None:
+    """Why Triton kernels cannot run on ``device``, or ``None`` when they can: on CUDA, or on the CPU
+    under Triton's interpreter (``TRITON_INTERPRET=1``, as in the tests)."""
+    try:
+        import triton
+    except ImportError:
+        return "triton is not installed (`pip install triton`; CUDA builds of torch install it)"
+    if torch.device(device).type != "cuda" and not triton.knobs.runtime.interpret:
+        return f"the Triton kernels run on CUDA, this run's device is {torch.device(device)}"
+    return None
+
+
+def require_kernels_run_on(config: ModelConfig, device: str | torch.device) -> None:
+    """``ValueError`` (one line) when ``config`` chooses Triton kernels (``attention_kernel`` or
+    ``ssd_kernel``) that cannot run on ``device``: before training starts, not at its first step."""
+    chosen = [f"{field}='triton'" for field in KERNEL_FIELDS if getattr(config, field) == "triton"]
+    reason = triton_unavailable(device) if chosen else None
+    if reason:
+        raise ValueError(f"{' and '.join(chosen)}: {reason}")

@@ -175,9 +175,7 @@ def test_both_kernels_time_each_arch_with_attention_or_ssd_twice(bench, json_lin
 
 
 def test_triton_kernel_off_cuda_is_a_value_error(bench, tmp_path, monkeypatch):
-    pytest.importorskip("triton")
-    from bmojo.ops import attention_triton
-
-    monkeypatch.setattr(attention_triton, "INTERPRETED", False)
+    triton = pytest.importorskip("triton")
+    monkeypatch.setattr(triton.knobs.runtime, "interpret", False)
     with pytest.raises(ValueError, match="--kernel triton: the Triton kernels run on CUDA, this run's device is cpu"):
         bench(["train", "--quick", "--kernel", "triton", "--plot-dir", str(tmp_path)])

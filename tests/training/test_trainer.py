@@ -72,6 +72,17 @@ def test_optimizer_uses_decay_groups(tmp_path):
             assert by_id[id(p)] == 0.1, name
 
 
+def test_triton_kernels_off_cuda_fail_before_the_first_step(tmp_path, monkeypatch):
+    triton = pytest.importorskip("triton")
+    torch.manual_seed(0)
+    model = LanguageModel(ModelConfig.preset("mamba2", **MODEL, ssd_kernel="triton"))
+    # After the kernels' module is imported: it decides at import whether its kernels are interpreted.
+    monkeypatch.setattr(triton.knobs.runtime, "interpret", False)
+    with pytest.raises(ValueError, match="ssd_kernel='triton': the Triton kernels run on CUDA"):
+        Trainer(model, train_config(), copy_batches, tmp_path, device="cpu", progress=False)
+    assert not any(tmp_path.iterdir())  # nothing written
+
+
 def test_training_learns_and_writes_outputs(tmp_path):
     trainer = Trainer(tiny_model(), train_config(max_steps=40, lr=1e-2, eval_every=20),
                       copy_batches, tmp_path, evaluate=lambda m: {"accuracy": 0.5}, progress=False)

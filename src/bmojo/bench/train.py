@@ -58,6 +58,7 @@ from bmojo.bench.flops import PRECISION_DTYPES, matmul_throughput, train_step_fl
 from bmojo.bench.memory import peak_bytes, peak_memory_measure
 from bmojo.compilation import compile_static
 from bmojo.config import ModelConfig
+from bmojo.device import triton_unavailable
 from bmojo.models.lm import LanguageModel
 from bmojo.ops.attention import ATTENTION_KERNELS
 from bmojo.ops.ssd import SSD_KERNELS
@@ -192,15 +193,9 @@ def with_kernels(configs: dict[str, ModelConfig], kernels: list[str]) -> dict[st
 
 def require_kernels(kernels: list[str], device: torch.device) -> None:
     """``ValueError`` (one line) when ``--kernel triton`` cannot run on ``device``."""
-    if "triton" not in kernels:
-        return
-    try:
-        import bmojo.ops.ssd_triton  # noqa: F401
-        from bmojo.ops.attention_triton import INTERPRETED
-    except ImportError as err:
-        raise ValueError(f"--kernel triton: {err}") from None
-    if device.type != "cuda" and not INTERPRETED:
-        raise ValueError(f"--kernel triton: the Triton kernels run on CUDA, this run's device is {device}")
+    reason = triton_unavailable(device) if "triton" in kernels else None
+    if reason:
+        raise ValueError(f"--kernel triton: {reason}")
 
 
 def benchmark_train(settings: TrainSettings, device: torch.device, progress: bool = True

@@ -13,7 +13,7 @@ import torch
 
 from bmojo.config import LM_SIZES, ModelConfig
 from bmojo.data.shards import TokenShards
-from bmojo.device import device_or_default
+from bmojo.device import device_or_default, require_kernels_run_on
 from bmojo.evaluation.perplexity import perplexity_at
 from bmojo.models.lm import LanguageModel
 from bmojo.models.sizing import matched_model, param_count
@@ -81,6 +81,7 @@ def train_lm(run: LMRun, out_dir: str | Path, resume: bool = False, device: str 
     writes the files."""
     distributed = distributed or Distributed()
     out_dir = Path(out_dir)
+    require_kernels_run_on(run.model_config(), device_or_default(device))  # before anything is written
     out_dir.mkdir(parents=True, exist_ok=True)
     if resume and (out_dir / RUN_FILE).is_file():
         saved = json.loads((out_dir / RUN_FILE).read_text())

@@ -13,7 +13,7 @@ import torch
 
 from bmojo.config import ModelConfig
 from bmojo.data.synthetic import DEFAULT_LENGTHS, make_dataset, make_mixture
-from bmojo.device import device_or_default
+from bmojo.device import device_or_default, require_kernels_run_on
 from bmojo.evaluation.recall import RecallReport, evaluate_recall
 from bmojo.models.lm import LanguageModel
 from bmojo.serialization import from_dict_strict
@@ -100,6 +100,7 @@ def train_recall(run: RecallRun, out_dir: str | Path, resume: bool = False, devi
     :class:`Trainer`): every process evaluates, rank 0 writes the files."""
     distributed = distributed or Distributed()
     out_dir = Path(out_dir)
+    require_kernels_run_on(run.model_config(), device_or_default(device))  # before anything is written
     out_dir.mkdir(parents=True, exist_ok=True)
     if resume and (out_dir / RUN_FILE).is_file():
         saved = RecallRun.load(out_dir)

@@ -36,6 +36,7 @@ from tqdm import tqdm
 
 from bmojo.compilation import compile_static
 from bmojo.data.synthetic import IGNORE_INDEX
+from bmojo.device import require_kernels_run_on
 from bmojo.models.lm import LanguageModel
 from bmojo.serialization import from_dict_strict
 from bmojo.training.checkpoint import (
@@ -186,6 +187,7 @@ class Trainer:
             raise ValueError(f"batch_size={config.batch_size} is the global batch of a step, split evenly between "
                              f"the processes: it must be a multiple of their number, {self.dist.world_size}")
         self.device = torch.device(device) if device is not None else next(model.parameters()).device
+        require_kernels_run_on(model.config, self.device)
         self.model = model.to(self.device)
         self.config = config
         self.batches = batches
