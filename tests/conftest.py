@@ -30,3 +30,24 @@ def pytest_collection_modifyitems(config, items):
 def _seed_and_threads():
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture
+def count_calls(monkeypatch):
+    """``count_calls(module, name)`` wraps ``module.name`` for this test and returns the dict of
+    call counts by name that every wrapped function adds to (the Triton ops, called through
+    their modules' globals)."""
+    counts: dict[str, int] = {}
+
+    def wrap(module, name: str) -> dict[str, int]:
+        original = getattr(module, name)
+        counts[name] = 0
+
+        def counted(*args, **kwargs):
+            counts[name] += 1
+            return original(*args, **kwargs)
+
+        monkeypatch.setattr(module, name, counted)
+        return counts
+
+    return wrap

@@ -148,20 +148,15 @@ def test_compile_without_a_cxx_compiler_is_a_value_error(bench, monkeypatch, tmp
                "--plot-dir", str(tmp_path)])
 
 
-def test_both_kernels_time_each_arch_with_attention_or_ssd_twice(bench, json_line, tmp_path, monkeypatch):
+def test_both_kernels_time_each_arch_with_attention_or_ssd_twice(bench, json_line, tmp_path, count_calls):
     """``--kernel torch,triton``: B'MOJO once with PyTorch's ops and once with the Triton kernels of
     both the attention and the SSD (on the CPU through Triton's interpreter, tests/conftest.py);
     the Transformer (neither) once."""
     pytest.importorskip("triton")
     from bmojo.ops import attention_triton, ssd_triton
 
-    calls = {"attention": 0, "ssd": 0}
-    for name, kernel in (("attention", attention_triton._UnionAttention), ("ssd", ssd_triton.ChunkScanTriton)):
-        def counted(*args, name=name, apply=kernel.apply):
-            calls[name] += 1
-            return apply(*args)
-
-        monkeypatch.setattr(kernel, "apply", counted)
+    count_calls(attention_triton, "_attention_forward")
+    calls = count_calls(ssd_triton, "_scan_forward")
     code, out = bench(["train", "--quick", "--archs", "transformer,bmojo", "--lengths", "40", "--precision", "fp32",
                        "--repeats", "1", "--warmup", "0", "--kernel", "torch,triton", "--json",
                        "--no-progress", "--plot-dir", str(tmp_path)])
@@ -170,7 +165,7 @@ def test_both_kernels_time_each_arch_with_attention_or_ssd_twice(bench, json_lin
     assert [r["arch"] for r in doc["results"]] == ["transformer", "bmojo", "bmojo+triton"]
     assert all(r["ratio_to_transformer"] > 0 for r in doc["results"])
     # the memory step and one timed step, per layer, in bmojo+triton only
-    assert calls == {"attention": 2 * QUICK_SHAPES["n_layers"], "ssd": 2 * QUICK_SHAPES["n_layers"]}
+    assert calls == {"_attention_forward": 2 * QUICK_SHAPES["n_layers"], "_scan_forward": 2 * QUICK_SHAPES["n_layers"]}
     assert "windowed attention and SSD: PyTorch ops and Triton kernels (label +triton)" in out
 
 

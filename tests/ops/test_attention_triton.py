@@ -92,6 +92,29 @@ def test_backward_runs_only_the_kernels_of_the_inputs_that_need_a_gradient(wante
     assert counts == launches
 
 
+@pytest.mark.parametrize(("fading_span", "capacity"), [(3, 4), (0, None)])
+def test_operators_pass_opcheck(fading_span, capacity):
+    """The custom operators' schema, fake tensors (what torch.compile traces with), autograd
+    registration and AOT dispatch (torch.library.opcheck), with every key set and with none."""
+    inputs = make_inputs(40, 2, fading_span, capacity, 16, seed=1)
+    leaves = [None if inputs[n] is None else inputs[n].to(DEVICE).requires_grad_()
+              for n in ("q", "k", "v", "kf", "vf", "q_mem", "mem_k", "mem_v")]
+    mem_pos = None if capacity is None else inputs["mem_pos"].to(DEVICE)
+    torch.library.opcheck(attention_triton._attention_forward, (*leaves, mem_pos, 4, fading_span, 16, 0.125))
+
+
+def test_compiled_graph_holds_the_kernels_whole():
+    """Under torch.compile (fullgraph: no break) the operator is one node of the graph: the same
+    output and gradients as eagerly (to rounding in the PyTorch ops around it)."""
+    inputs = on_device(make_inputs(45, 2, 3, 4, 16, seed=2))
+    compiled = torch.compile(union_attention_triton, backend="aot_eager", fullgraph=True)
+    out, grads = run_with_grads(compiled, inputs, window=4, fading_span=3, chunk_size=16)
+    out_ref, grads_ref = run_with_grads(union_attention_triton, inputs, window=4, fading_span=3, chunk_size=16)
+    torch.testing.assert_close(out, out_ref, atol=0, rtol=0)
+    for name in grads_ref:  # AOT autograd may reorder the PyTorch ops' reductions (D's gradient)
+        torch.testing.assert_close(grads[name], grads_ref[name], atol=1e-6, rtol=1e-5, msg=name)
+
+
 def test_full_causal_without_window():
     inputs = on_device(make_inputs(70, 2, 0, None, 16, seed=9))
     assert_same(inputs, fast=union_attention_triton, window=None, chunk_size=16)
@@ -169,12 +192,11 @@ TINY = dict(vocab_size=37, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, wind
             chunk_size=4, eidetic_per_chunk=2, eidetic_capacity=4, d_state=8, ssm_headdim=16, mlp_ratio=2.0)
 
 
-def assert_triton_model_matches_torch(arch: str, triton_fields: dict[str, str],
-                                      kernels: list[type[torch.autograd.Function]], monkeypatch) -> None:
+def assert_triton_model_matches_torch(arch: str, triton_fields: dict[str, str], ops: list[tuple], count_calls) -> None:
     """``arch`` with ``triton_fields`` (e.g. ``attention_kernel="triton"``) gives the same logits,
-    auxiliary loss and parameter gradients as with the PyTorch ops, and each of ``kernels`` is
-    applied once per layer. The innovation predictor is random, not its zero init (where ties
-    would decide the selected tokens)."""
+    auxiliary loss and parameter gradients as with the PyTorch ops, and each of ``ops`` (``(module,
+    name)``: a Triton operator) runs once per layer. The innovation predictor is random, not its
+    zero init (where ties would decide the selected tokens)."""
     torch.manual_seed(0)
     models = {"torch": LanguageModel(ModelConfig.preset(arch, **TINY)).to(DEVICE),
               "triton": LanguageModel(ModelConfig.preset(arch, **TINY, **triton_fields)).to(DEVICE)}
@@ -183,13 +205,9 @@ def assert_triton_model_matches_torch(arch: str, triton_fields: dict[str, str],
             if ".predictor." in name:
                 param.normal_(0.0, 0.3)
     models["triton"].load_state_dict(models["torch"].state_dict())
-    calls = {kernel: 0 for kernel in kernels}
-    for kernel in kernels:
-        def counted(*args, kernel=kernel, apply=kernel.apply):
-            calls[kernel] += 1
-            return apply(*args)
-
-        monkeypatch.setattr(kernel, "apply", counted)
+    calls = {}
+    for module, name in ops:
+        calls = count_calls(module, name)
     tokens = torch.randint(0, TINY["vocab_size"], (2, 45), generator=torch.Generator().manual_seed(1)).to(DEVICE)
     results = {}
     for name, model in models.items():
@@ -203,20 +221,41 @@ def assert_triton_model_matches_torch(arch: str, triton_fields: dict[str, str],
     torch.testing.assert_close(aux, aux_ref)
     for name in grads_ref:
         torch.testing.assert_close(grads[name], grads_ref[name], atol=1e-5, rtol=1e-4, msg=name)
-    assert calls == {kernel: TINY["n_layers"] for kernel in kernels}  # from the triton model only
+    assert calls == {name: TINY["n_layers"] for _, name in ops}  # from the triton model only
 
 
 @pytest.mark.parametrize("arch", ["bmojo", "bmojo-f", "swa"])
-def test_model_with_triton_attention_matches_the_torch_kernel(arch, monkeypatch):
-    assert_triton_model_matches_torch(arch, {"attention_kernel": "triton"}, [attention_triton._UnionAttention],
-                                      monkeypatch)
+def test_model_with_triton_attention_matches_the_torch_kernel(arch, count_calls):
+    assert_triton_model_matches_torch(arch, {"attention_kernel": "triton"}, [(attention_triton, "_attention_forward")],
+                                      count_calls)
 
 
-def test_model_with_every_triton_kernel_matches_the_torch_ops(monkeypatch):
-    from bmojo.ops.ssd_triton import ChunkScanTriton
+def test_model_with_every_triton_kernel_matches_the_torch_ops(count_calls):
+    from bmojo.ops import ssd_triton
 
     assert_triton_model_matches_torch("bmojo", {"attention_kernel": "triton", "ssd_kernel": "triton"},
-                                      [attention_triton._UnionAttention, ChunkScanTriton], monkeypatch)
+                                      [(attention_triton, "_attention_forward"), (ssd_triton, "_scan_forward")],
+                                      count_calls)
+
+
+def test_compiled_model_with_every_triton_kernel_matches_eager():
+    """The whole model under torch.compile (AOT autograd, no C++ compiler needed) with both
+    kernels: the eager model's logits and parameter gradients."""
+    torch.manual_seed(0)
+    model = LanguageModel(ModelConfig.preset("bmojo", **TINY, attention_kernel="triton",
+                                             ssd_kernel="triton")).to(DEVICE)
+    tokens = torch.randint(0, TINY["vocab_size"], (2, 45), generator=torch.Generator().manual_seed(1)).to(DEVICE)
+    torch.compiler.reset()
+    results = []
+    for run in (model, torch.compile(model, backend="aot_eager")):
+        out = run(tokens)
+        grads = torch.autograd.grad(out.logits.float().logsumexp(-1).mean() + out.aux_loss, list(model.parameters()),
+                                    allow_unused=True, materialize_grads=True)
+        results.append((out.logits, grads))
+    (logits_ref, grads_ref), (logits, grads) = results
+    torch.testing.assert_close(logits, logits_ref, atol=1e-6, rtol=1e-5)
+    for (name, _), grad, grad_ref in zip(model.named_parameters(), grads, grads_ref, strict=True):
+        torch.testing.assert_close(grad, grad_ref, atol=1e-6, rtol=1e-5, msg=name)
 
 
 def test_config_rejects_an_unknown_kernel():

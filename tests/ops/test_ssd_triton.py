@@ -78,10 +78,35 @@ def test_unknown_kernel_is_a_value_error():
 
 
 @pytest.mark.parametrize("arch", ["mamba2", "bmojo", "bmojo-f"])
-def test_model_with_triton_ssd_matches_the_torch_kernel(arch, monkeypatch):
-    assert_triton_model_matches_torch(arch, {"ssd_kernel": "triton"}, [ssd_triton.ChunkScanTriton], monkeypatch)
+def test_model_with_triton_ssd_matches_the_torch_kernel(arch, count_calls):
+    assert_triton_model_matches_torch(arch, {"ssd_kernel": "triton"}, [(ssd_triton, "_scan_forward")], count_calls)
 
 
 def test_config_rejects_an_unknown_ssd_kernel():
     with pytest.raises(ValueError, match="ssd_kernel='cuda' is invalid"):
         ModelConfig.preset("mamba2", ssd_kernel="cuda")
+
+
+def test_operators_pass_opcheck():
+    """The custom operators' schema, fake tensors (what torch.compile traces with), autograd
+    registration and AOT dispatch (torch.library.opcheck), on inputs laid out as ssd_chunked does."""
+    gen = torch.Generator().manual_seed(4)
+    b, h, g, c, Q, p, n = 1, 4, 2, 3, 16, 8, 8
+    x_dt, Bc, Cc = (torch.randn(*shape, generator=gen) for shape in ((b, h, c, Q, p), (b, g, c, Q, n), (b, g, c, Q, n)))
+    a = -torch.rand(b, h, c, Q, generator=gen)
+    state = torch.randn(b, h, p, n, generator=gen)
+    args = tuple(t.to(DEVICE).requires_grad_() for t in (x_dt, a, Bc, Cc, state))
+    torch.library.opcheck(ssd_triton._scan_forward, args)
+
+
+def test_compiled_graph_holds_the_kernels_whole():
+    """Under torch.compile (fullgraph: no break) the operator is one node of the graph: the same
+    output, final state and gradients as eagerly (to rounding in the PyTorch ops around it)."""
+    inputs = on_device(make_inputs(45, 2, with_init=True, with_d=True, seed=6))
+    compiled = torch.compile(ssd_chunked, backend="aot_eager", fullgraph=True)
+    y, s, grads = run_with_grads(compiled, inputs, chunk_size=16, kernel="triton")
+    y_ref, s_ref, grads_ref = run_with_grads(ssd_chunked, inputs, chunk_size=16, kernel="triton")
+    torch.testing.assert_close(y, y_ref, atol=0, rtol=0)
+    torch.testing.assert_close(s, s_ref, atol=0, rtol=0)
+    for name in grads_ref:  # AOT autograd may reorder the PyTorch ops' reductions (D's gradient)
+        torch.testing.assert_close(grads[name], grads_ref[name], atol=1e-6, rtol=1e-5, msg=name)

@@ -304,71 +304,114 @@ def _backward_memory(QM, MK, MV, MPOS, DO, LSE, DELTA, DMK, DMV,
     _store_rows(DMV, mem_rows, s_ok, dmv, head_dim, BLOCK_D)
 
 
-class _UnionAttention(torch.autograd.Function):
-    """The four kernels as one differentiable op: contiguous inputs, a finite ``window``;
-    without ``q_mem`` the memory slots are scored with ``q``, whose gradient gets both parts."""
+# The kernels as two custom operators (forward, backward) with the backward registered as the
+# forward's autograd formula: torch.compile keeps them whole in its graph (fake tensors give their
+# shapes) instead of tracing into Triton's launcher. Contiguous inputs, a finite ``window``; without
+# ``q_mem`` the memory slots are scored with ``q``, whose gradient gets both parts.
 
-    @staticmethod
-    def forward(ctx, q, k, v, kf, vf, q_mem, mem_k, mem_v, mem_pos, window, fading_span, chunk_size, scale):
-        b, l, h, dh = q.shape
-        has_fading, has_memory = kf is not None, mem_k is not None
-        n_chunks, slots = (mem_k.shape[1], mem_k.shape[2]) if has_memory else (1, 0)
-        out = torch.empty_like(q, dtype=v.dtype)  # [b, l, h, dh]
-        lse = torch.empty(b, h, l, device=q.device, dtype=torch.float32)  # base-2 log-sum-exp per row
-        block_d, block_m, block_n = _block_sizes(dh, q.dtype)
-        _forward[(b * h, triton.cdiv(l, block_m))](
-            q, k, v, *_or(q, kf, vf, q_mem, mem_k, mem_v, mem_pos), out, lse,
-            l, h, k.shape[2], n_chunks, slots, window, fading_span, chunk_size, scale * LOG2E,
-            head_dim=dh, BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=block_n, HAS_FADING=has_fading,
-            HAS_MEMORY=has_memory, PRECISION=_precision(q.dtype))
-        ctx.save_for_backward(q, k, v, kf, vf, q_mem, mem_k, mem_v, mem_pos, out, lse)
-        ctx.args = (window, fading_span, chunk_size, scale, n_chunks, slots)
-        return out
+GRAD_INPUTS = 8  # q, k, v, kf, vf, q_mem, mem_k, mem_v: the inputs with a gradient, in this order
 
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, d_out):
-        q, k, v, kf, vf, q_mem, mem_k, mem_v, mem_pos, out, lse = ctx.saved_tensors
-        window, fading_span, chunk_size, scale, n_chunks, slots = ctx.args
-        b, l, h, dh = q.shape
-        hkv = k.shape[2]
-        has_fading, has_memory = kf is not None, mem_k is not None
-        block_d, block_m, block_n = _block_sizes(dh, q.dtype)
-        tiles = dict(head_dim=dh, BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=block_n, PRECISION=_precision(q.dtype))
-        d_out = d_out.contiguous()
-        delta = (d_out.float() * out.float()).sum(-1).transpose(1, 2).contiguous()  # [b, h, l]: Σ_d dO·O
-        scoring_query = q if q_mem is None else q_mem  # what scores the memory slots
-        needs = ctx.needs_input_grad  # q, k, v, kf, vf, q_mem, mem_k, mem_v, ...: a kernel runs for those needed
-        dq = dq_mem = None
-        if needs[0] or needs[5]:
-            dq = torch.empty_like(q)
-            dq_mem = torch.empty_like(q) if has_memory else None
-            _backward_query[(b * h, triton.cdiv(l, block_m))](
-                q, k, v, *_or(q, kf, vf, scoring_query, mem_k, mem_v, mem_pos), d_out, lse, delta, dq, *_or(q, dq_mem),
-                l, h, hkv, n_chunks, slots, window, fading_span, chunk_size, scale * LOG2E, scale,
-                HAS_FADING=has_fading, HAS_MEMORY=has_memory, **tiles)
-            if q_mem is None and has_memory:
-                dq += dq_mem
-                dq_mem = None
-        key_sets = [(k, v, 0, window - 1, needs[1] or needs[2])]
-        if has_fading:
-            key_sets.append((kf, vf, window, window + fading_span - 1, needs[3] or needs[4]))
-        key_grads = []
-        for keys, values, near, far, needed in key_sets:
-            dk = dv = None
-            if needed:
-                dk, dv = torch.empty_like(keys), torch.empty_like(values)
-                _backward_keys[(b * hkv, triton.cdiv(l, block_n))](
-                    q, keys, values, d_out, lse, delta, dk, dv, l, h, hkv, near, far, scale * LOG2E, scale, **tiles)
-            key_grads += [dk, dv]
-        dk, dv, dkf, dvf = key_grads + [None] * (4 - len(key_grads))
-        d_mem_k = d_mem_v = None
-        if has_memory and (needs[6] or needs[7]):
-            d_mem_k, d_mem_v = torch.empty_like(mem_k), torch.empty_like(mem_v)
-            _backward_memory[(b * hkv, triton.cdiv(slots, block_n), n_chunks)](
-                scoring_query, mem_k, mem_v, mem_pos, d_out, lse, delta, d_mem_k, d_mem_v,
-                l, h, hkv, n_chunks, slots, window, chunk_size, scale * LOG2E, scale, **tiles)
-        return dq, dk, dv, dkf, dvf, dq_mem, d_mem_k, d_mem_v, None, None, None, None, None
+
+@torch.library.custom_op("bmojo::union_attention_forward", mutates_args=())
+def _attention_forward(q: Tensor, k: Tensor, v: Tensor, kf: Tensor | None, vf: Tensor | None, q_mem: Tensor | None,
+                       mem_k: Tensor | None, mem_v: Tensor | None, mem_pos: Tensor | None, window: int,
+                       fading_span: int, chunk_size: int, scale: float) -> tuple[Tensor, Tensor]:
+    """``(out [b, l, h, dh], lse [b, h, l])``: the attention and each row's base-2 log-sum-exp."""
+    b, l, h, dh = q.shape
+    has_fading, has_memory = kf is not None, mem_k is not None
+    n_chunks, slots = (mem_k.shape[1], mem_k.shape[2]) if has_memory else (1, 0)
+    out = torch.empty_like(q, dtype=v.dtype)  # [b, l, h, dh]
+    lse = torch.empty(b, h, l, device=q.device, dtype=torch.float32)  # base-2 log-sum-exp per row
+    block_d, block_m, block_n = _block_sizes(dh, q.dtype)
+    _forward[(b * h, triton.cdiv(l, block_m))](
+        q, k, v, *_or(q, kf, vf, q_mem, mem_k, mem_v, mem_pos), out, lse,
+        l, h, k.shape[2], n_chunks, slots, window, fading_span, chunk_size, scale * LOG2E,
+        head_dim=dh, BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=block_n, HAS_FADING=has_fading,
+        HAS_MEMORY=has_memory, PRECISION=_precision(q.dtype))
+    return out, lse
+
+
+@_attention_forward.register_fake
+def _attention_forward_shapes(q, k, v, kf, vf, q_mem, mem_k, mem_v, mem_pos, window, fading_span, chunk_size, scale):
+    b, l, h, _ = q.shape
+    return torch.empty_like(q, dtype=v.dtype), q.new_empty(b, h, l, dtype=torch.float32)
+
+
+def _wanted(inputs: list[Tensor | None], needs: list[bool]) -> list[bool]:
+    """Which of the :data:`GRAD_INPUTS` get a gradient: those present and needed; without
+    ``q_mem`` its part is added to ``dq``."""
+    return [t is not None and need for t, need in zip(inputs, needs, strict=True)]
+
+
+@torch.library.custom_op("bmojo::union_attention_backward", mutates_args=())
+def _attention_backward(d_out: Tensor, q: Tensor, k: Tensor, v: Tensor, kf: Tensor | None, vf: Tensor | None,
+                        q_mem: Tensor | None, mem_k: Tensor | None, mem_v: Tensor | None, mem_pos: Tensor | None,
+                        out: Tensor, lse: Tensor, window: int, fading_span: int, chunk_size: int, scale: float,
+                        needs: list[bool]) -> list[Tensor]:
+    """The gradients of the :data:`GRAD_INPUTS` in their order, an empty tensor for each one
+    absent or not in ``needs``: a kernel runs only for the inputs whose gradient is wanted."""
+    b, l, h, dh = q.shape
+    hkv = k.shape[2]
+    has_fading, has_memory = kf is not None, mem_k is not None
+    n_chunks, slots = (mem_k.shape[1], mem_k.shape[2]) if has_memory else (1, 0)
+    want = _wanted([q, k, v, kf, vf, q_mem, mem_k, mem_v], needs)
+    block_d, block_m, block_n = _block_sizes(dh, q.dtype)
+    tiles = dict(head_dim=dh, BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=block_n, PRECISION=_precision(q.dtype))
+    d_out = d_out.contiguous()
+    delta = (d_out.float() * out.float()).sum(-1).transpose(1, 2).contiguous()  # [b, h, l]: Σ_d dO·O
+    scoring_query = q if q_mem is None else q_mem  # what scores the memory slots
+    grads = [q.new_empty(0)] * GRAD_INPUTS
+    if want[0] or want[5]:
+        dq = torch.empty_like(q)
+        dq_mem = torch.empty_like(q) if has_memory else None
+        _backward_query[(b * h, triton.cdiv(l, block_m))](
+            q, k, v, *_or(q, kf, vf, scoring_query, mem_k, mem_v, mem_pos), d_out, lse, delta, dq, *_or(q, dq_mem),
+            l, h, hkv, n_chunks, slots, window, fading_span, chunk_size, scale * LOG2E, scale,
+            HAS_FADING=has_fading, HAS_MEMORY=has_memory, **tiles)
+        if q_mem is None and has_memory:
+            dq += dq_mem
+        grads[0] = dq
+        if q_mem is not None:
+            grads[5] = dq_mem
+    key_sets = [(1, k, v, 0, window - 1)] + ([(3, kf, vf, window, window + fading_span - 1)] if has_fading else [])
+    for index, keys, values, near, far in key_sets:
+        if want[index] or want[index + 1]:
+            dk, dv = torch.empty_like(keys), torch.empty_like(values)
+            _backward_keys[(b * hkv, triton.cdiv(l, block_n))](
+                q, keys, values, d_out, lse, delta, dk, dv, l, h, hkv, near, far, scale * LOG2E, scale, **tiles)
+            grads[index], grads[index + 1] = dk, dv
+    if want[6] or want[7]:
+        d_mem_k, d_mem_v = torch.empty_like(mem_k), torch.empty_like(mem_v)
+        _backward_memory[(b * hkv, triton.cdiv(slots, block_n), n_chunks)](
+            scoring_query, mem_k, mem_v, mem_pos, d_out, lse, delta, d_mem_k, d_mem_v,
+            l, h, hkv, n_chunks, slots, window, chunk_size, scale * LOG2E, scale, **tiles)
+        grads[6], grads[7] = d_mem_k, d_mem_v
+    return [grad if wanted else q.new_empty(0) for grad, wanted in zip(grads, want, strict=True)]
+
+
+@_attention_backward.register_fake
+def _attention_backward_shapes(d_out, q, k, v, kf, vf, q_mem, mem_k, mem_v, mem_pos, out, lse, window, fading_span,
+                               chunk_size, scale, needs):
+    inputs = [q, k, v, kf, vf, q_mem, mem_k, mem_v]
+    return [torch.empty_like(t) if wanted else q.new_empty(0)
+            for t, wanted in zip(inputs, _wanted(inputs, needs), strict=True)]
+
+
+def _save_for_backward(ctx, inputs: tuple, output: tuple[Tensor, Tensor]) -> None:
+    *tensors, window, fading_span, chunk_size, scale = inputs
+    ctx.save_for_backward(*tensors, *output)
+    ctx.args = (window, fading_span, chunk_size, scale)
+    ctx.mark_non_differentiable(output[1])
+
+
+def _gradients(ctx, d_out: Tensor, _d_lse: Tensor | None) -> tuple[Tensor | None, ...]:
+    needs = list(ctx.needs_input_grad[:GRAD_INPUTS])
+    grads = _attention_backward(d_out, *ctx.saved_tensors, *ctx.args, needs)
+    wanted = _wanted(list(ctx.saved_tensors[:GRAD_INPUTS]), needs)
+    return *(grad if want else None for grad, want in zip(grads, wanted, strict=True)), None, None, None, None, None
+
+
+_attention_forward.register_autograd(_gradients, setup_context=_save_for_backward)
 
 
 def _or(placeholder: Tensor, *tensors: Tensor | None) -> list[Tensor]:
@@ -437,7 +480,7 @@ def union_attention_triton(
     window = l if window is None else window  # full causal: a window over the whole sequence
     scale = dh**-0.5 if scale is None else scale
     inputs = [None if t is None else t.contiguous() for t in (q, k, v, kf, vf, q_mem, mem_k, mem_v, mem_pos)]
-    return _UnionAttention.apply(*inputs, window, fading_span, chunk_size, scale)
+    return _attention_forward(*inputs, window, fading_span, chunk_size, scale)[0]
 
 
 def cuda_builds(dtype: torch.dtype = torch.bfloat16, head_dim: int = 64) -> list[tuple]:

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -306,18 +307,19 @@ class _ChunkScan(torch.autograd.Function):
 SSD_KERNELS = ("torch", "triton")
 
 
-def chunk_scan_for(kernel: str) -> type[torch.autograd.Function]:
-    """The scan of :func:`ssd_chunked` by name: :class:`_ChunkScan` (``"torch"``) or
-    :class:`bmojo.ops.ssd_triton.ChunkScanTriton` (``"triton"``, which needs triton installed,
+def chunk_scan_for(kernel: str) -> Callable[[Tensor, Tensor, Tensor, Tensor, Tensor], tuple[Tensor, Tensor]]:
+    """The scan of :func:`ssd_chunked` by name, ``(x_dt, a, Bc, Cc, initial_state) -> (y,
+    final_state)``: :class:`_ChunkScan` (``"torch"``) or
+    :func:`bmojo.ops.ssd_triton.chunk_scan_triton` (``"triton"``, which needs triton installed,
     else a ``ValueError`` here, and CUDA tensors, else a ``ValueError`` at its first call)."""
     if kernel == "torch":
-        return _ChunkScan
+        return _ChunkScan.apply
     if kernel == "triton":
         try:
-            from bmojo.ops.ssd_triton import ChunkScanTriton
+            from bmojo.ops.ssd_triton import chunk_scan_triton
         except ImportError as err:
             raise ValueError(f"kernel='triton': {err}") from None
-        return ChunkScanTriton
+        return chunk_scan_triton
     raise ValueError(f"kernel={kernel!r} is invalid: must be one of {SSD_KERNELS}")
 
 
@@ -369,7 +371,7 @@ def ssd_chunked(
     Bc, Cc = chunked(B), chunked(C)  # [b, g, c, Q, n]
     a = chunked((dtf * A.to(acc))[..., None])[..., 0]  # [b, h, c, Q]
     state = x.new_zeros(b, h, p, n, dtype=acc) if initial_state is None else initial_state.to(acc)
-    y, final_state = scan.apply(x_dt, a, Bc, Cc, state)
+    y, final_state = scan(x_dt, a, Bc, Cc, state)
 
     y = y.view(b, h, nc * Q, p).transpose(1, 2)[:, :l]  # [b, l, h, p]
     if D is not None:

@@ -1,6 +1,7 @@
-"""The chunked SSD scan of DESIGN.md §3.1 as Triton kernels: :class:`bmojo.ops.ssd._ChunkScan`'s
-forward and backward, one program per (batch row, head, chunk), without the ``[Q, Q]`` decay
-and score matrices in memory and with the recurrence over chunks in one launch.
+"""The chunked SSD scan of DESIGN.md §3.1 as Triton kernels (:func:`chunk_scan_triton`):
+:class:`bmojo.ops.ssd._ChunkScan`'s forward and backward, one program per (batch row, head,
+chunk), without the ``[Q, Q]`` decay and score matrices in memory and with the recurrence over
+chunks in one launch.
 
 Same inputs and results as ``_ChunkScan`` (:func:`bmojo.ops.ssd.ssd_chunked` lays them out):
 ``x_dt [b, h, c, Q, p]``, ``a [b, h, c, Q]``, ``Bc, Cc [b, g, c, Q, n]``, ``initial_state
@@ -195,51 +196,95 @@ def _recurrence(added: Tensor, decay: Tensor, initial: Tensor, reverse: bool) ->
     return before, last
 
 
-class ChunkScanTriton(torch.autograd.Function):
-    """:class:`bmojo.ops.ssd._ChunkScan` computed by this module's kernels (same arguments)."""
+# The kernels as two custom operators (forward, backward) with the backward registered as the
+# forward's autograd formula: torch.compile keeps them whole in its graph (fake tensors give their
+# shapes) instead of tracing into Triton's launcher.
 
-    @staticmethod
-    def forward(ctx, x_dt: Tensor, a: Tensor, Bc: Tensor, Cc: Tensor, initial_state: Tensor):
-        if x_dt.dtype != torch.float32:
-            raise ValueError(f"the Triton SSD computes in float32, got {x_dt.dtype}")
-        if x_dt.device.type != "cuda" and not INTERPRETED:
-            raise ValueError(f"the Triton SSD runs on CUDA tensors, got {x_dt.device} (Triton's CPU interpreter "
-                             f"needs TRITON_INTERPRET=1 set before bmojo.ops.ssd_triton is imported)")
-        b, h, c, Q, p = x_dt.shape
-        g, n = Bc.shape[1], Bc.shape[-1]
-        grid, shape = (b * h, c), (h, g, c, p, n)
-        tiles = _tiles(Q, p, n)
-        x_dt, a, Bc, Cc, initial_state = (t.contiguous() for t in (x_dt, a, Bc, Cc, initial_state))
-        chunk_states = x_dt.new_empty(b, h, c, p, n)
-        _chunk_state[grid](x_dt, a, Bc, chunk_states, *shape, **tiles)
-        chunk_decay = a.sum(-1).exp().contiguous()  # [b, h, c]
-        entering, final_state = _recurrence(chunk_states, chunk_decay, initial_state, reverse=False)
-        y = torch.empty_like(x_dt)
-        _chunk_output[grid](x_dt, a, Bc, Cc, entering, y, *shape, **tiles)
-        ctx.save_for_backward(x_dt, a, Bc, Cc, entering, chunk_decay)
-        return y, final_state
 
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, dy: Tensor, d_final: Tensor):
-        x_dt, a, Bc, Cc, entering, chunk_decay = ctx.saved_tensors
-        b, h, c, Q, p = x_dt.shape
-        g, n = Bc.shape[1], Bc.shape[-1]
-        grid, shape = (b * h, c), (h, g, c, p, n)
-        tiles = _tiles(Q, p, n)
-        dy = dy.contiguous()
-        dx_dt, d_log, da = torch.empty_like(x_dt), torch.empty_like(a), torch.empty_like(a)
-        dB_heads, dC_heads = x_dt.new_empty(b, h, c, Q, n), x_dt.new_empty(b, h, c, Q, n)
-        d_entering = torch.empty_like(entering)
-        _chunk_output_backward[grid](x_dt, a, Bc, Cc, entering, dy, dx_dt, dB_heads, dC_heads, d_log, d_entering,
-                                     *shape, **tiles)
-        d_states, d_initial = _recurrence(d_entering, chunk_decay, d_final.contiguous(), reverse=True)
-        _chunk_state_backward[grid](x_dt, a, Bc, entering, d_states, dx_dt, dB_heads, d_log, da, *shape, **tiles)
+@torch.library.custom_op("bmojo::chunk_scan_forward", mutates_args=())
+def _scan_forward(x_dt: Tensor, a: Tensor, Bc: Tensor, Cc: Tensor, initial_state: Tensor
+                  ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``(y, final_state, entering [b, h, c, p, n], chunk_decay [b, h, c])``: the scan, and what
+    its backward reads (the state entering each chunk, the decay across each chunk)."""
+    b, h, c, Q, p = x_dt.shape
+    g, n = Bc.shape[1], Bc.shape[-1]
+    grid, shape = (b * h, c), (h, g, c, p, n)
+    tiles = _tiles(Q, p, n)
+    chunk_states = x_dt.new_empty(b, h, c, p, n)
+    _chunk_state[grid](x_dt, a, Bc, chunk_states, *shape, **tiles)
+    chunk_decay = a.sum(-1).exp().contiguous()  # [b, h, c]
+    entering, final_state = _recurrence(chunk_states, chunk_decay, initial_state, reverse=False)
+    y = torch.empty_like(x_dt)
+    _chunk_output[grid](x_dt, a, Bc, Cc, entering, y, *shape, **tiles)
+    return y, final_state, entering, chunk_decay
 
-        def per_group(t: Tensor) -> Tensor:  # [b, h, c, Q, n] -> [b, g, c, Q, n]
-            return t.view(b, g, h // g, c, Q, n).sum(2)
 
-        return dx_dt, da, per_group(dB_heads), per_group(dC_heads), d_initial if ctx.needs_input_grad[4] else None
+@_scan_forward.register_fake
+def _scan_forward_shapes(x_dt, a, Bc, Cc, initial_state):
+    b, h, c, _, p = x_dt.shape
+    return (torch.empty_like(x_dt), torch.empty_like(initial_state), x_dt.new_empty(b, h, c, p, Bc.shape[-1]),
+            a.new_empty(b, h, c))
+
+
+@torch.library.custom_op("bmojo::chunk_scan_backward", mutates_args=())
+def _scan_backward(dy: Tensor, d_final: Tensor, x_dt: Tensor, a: Tensor, Bc: Tensor, Cc: Tensor, entering: Tensor,
+                   chunk_decay: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """The gradients of ``x_dt, a, Bc, Cc, initial_state``."""
+    b, h, c, Q, p = x_dt.shape
+    g, n = Bc.shape[1], Bc.shape[-1]
+    grid, shape = (b * h, c), (h, g, c, p, n)
+    tiles = _tiles(Q, p, n)
+    dy = dy.contiguous()
+    dx_dt, d_log, da = torch.empty_like(x_dt), torch.empty_like(a), torch.empty_like(a)
+    dB_heads, dC_heads = x_dt.new_empty(b, h, c, Q, n), x_dt.new_empty(b, h, c, Q, n)
+    d_entering = torch.empty_like(entering)
+    _chunk_output_backward[grid](x_dt, a, Bc, Cc, entering, dy, dx_dt, dB_heads, dC_heads, d_log, d_entering,
+                                 *shape, **tiles)
+    d_states, d_initial = _recurrence(d_entering, chunk_decay, d_final.contiguous(), reverse=True)
+    _chunk_state_backward[grid](x_dt, a, Bc, entering, d_states, dx_dt, dB_heads, d_log, da, *shape, **tiles)
+
+    def per_group(t: Tensor) -> Tensor:  # [b, h, c, Q, n] -> [b, g, c, Q, n]
+        return t.view(b, g, h // g, c, Q, n).sum(2)
+
+    return dx_dt, da, per_group(dB_heads), per_group(dC_heads), d_initial
+
+
+@_scan_backward.register_fake
+def _scan_backward_shapes(dy, d_final, x_dt, a, Bc, Cc, entering, chunk_decay):
+    return (torch.empty_like(x_dt), torch.empty_like(a), torch.empty_like(Bc), torch.empty_like(Cc),
+            torch.empty_like(d_final))
+
+
+def _save_for_backward(ctx, inputs: tuple[Tensor, ...], output: tuple[Tensor, ...]) -> None:
+    x_dt, a, Bc, Cc, _ = inputs
+    _, final_state, entering, chunk_decay = output
+    ctx.save_for_backward(x_dt, a, Bc, Cc, entering, chunk_decay)
+    ctx.state_shape = final_state.shape
+    ctx.mark_non_differentiable(entering, chunk_decay)
+
+
+def _gradients(ctx, dy: Tensor | None, d_final: Tensor | None, _d_entering, _d_decay) -> tuple[Tensor | None, ...]:
+    x_dt, a, Bc, Cc, entering, chunk_decay = ctx.saved_tensors
+    dy = torch.zeros_like(x_dt) if dy is None else dy
+    d_final = x_dt.new_zeros(ctx.state_shape) if d_final is None else d_final
+    dx_dt, da, dBc, dCc, d_initial = _scan_backward(dy, d_final, x_dt, a, Bc, Cc, entering, chunk_decay)
+    return dx_dt, da, dBc, dCc, d_initial if ctx.needs_input_grad[4] else None
+
+
+_scan_forward.register_autograd(_gradients, setup_context=_save_for_backward)
+
+
+def chunk_scan_triton(x_dt: Tensor, a: Tensor, Bc: Tensor, Cc: Tensor, initial_state: Tensor) -> tuple[Tensor, Tensor]:
+    """:class:`bmojo.ops.ssd._ChunkScan` computed by this module's kernels: same arguments, ``(y,
+    final_state)``; a ``ValueError`` for inputs the kernels do not take."""
+    if x_dt.dtype != torch.float32:
+        raise ValueError(f"the Triton SSD computes in float32, got {x_dt.dtype}")
+    if x_dt.device.type != "cuda" and not INTERPRETED:
+        raise ValueError(f"the Triton SSD runs on CUDA tensors, got {x_dt.device} (Triton's CPU interpreter "
+                         f"needs TRITON_INTERPRET=1 set before bmojo.ops.ssd_triton is imported)")
+    _tiles(x_dt.shape[3], x_dt.shape[4], Bc.shape[-1])  # the chunk length, checked
+    y, final_state, _, _ = _scan_forward(*(t.contiguous() for t in (x_dt, a, Bc, Cc, initial_state)))
+    return y, final_state
 
 
 def cuda_builds(head_dim: int = 64, state_size: int = 64, chunk_size: int = 64) -> list[tuple]:
