@@ -4,7 +4,7 @@
 #   STAGE=tests  the device and versions (device.txt; fails if $DEVICE is not there), the
 #                accelerator tests (tests.log, tests/test_accelerator.py) and the union
 #                attention's and the SSD's Triton kernels against their references (tests_triton.log,
-#                tests/ops/test_{attention,ssd}_triton.py, compiled for the device): 5 minutes at most;
+#                tests/ops/test_{attention,ssd}_triton.py, compiled for the device): 6 minutes at most;
 #   STAGE=bench  `bmojo bench ops` (with the Triton kernels' rows), the training step of
 #                B'MOJO and Mamba-2 with PyTorch's ops and with the Triton kernels at 4,096,
 #                then `bench train` one length at a time and `bench decode` one context at a
@@ -68,7 +68,7 @@ if device.type == \"cuda\":
     print(torch.cuda.get_device_name(device), torch.cuda.get_device_capability(device))
 '"
     step tests.log 150 "$PYTHON" -m pytest -q -p no:cacheprovider tests/test_accelerator.py
-    step tests_triton.log 120 "$PYTHON" -m pytest -q -p no:cacheprovider -rs tests/ops/test_attention_triton.py \
+    step tests_triton.log 180 "$PYTHON" -m pytest -q -p no:cacheprovider -rs tests/ops/test_attention_triton.py \
         tests/ops/test_ssd_triton.py
 fi
 if [ "$STAGE" != tests ]; then
