@@ -238,6 +238,27 @@ def test_model_with_every_triton_kernel_matches_the_torch_ops(count_calls):
                                       count_calls)
 
 
+@pytest.mark.parametrize("arch", ["swa", "bmojo"])
+def test_chunked_prefill_runs_the_kernels_and_matches_one_pass(arch, count_calls):
+    """A prompt fed in pieces through the cache (each piece continuing the last): the logits of
+    the PyTorch ops' single pass, with the Triton kernels in every windowed layer of every piece."""
+    torch.manual_seed(0)
+    model = LanguageModel(ModelConfig.preset(arch, **TINY)).to(DEVICE)
+    chunked = LanguageModel(ModelConfig.preset(arch, **TINY, attention_kernel="triton")).to(DEVICE)
+    chunked.load_state_dict(model.state_dict())
+    calls = count_calls(attention_triton, "_attention_forward")
+    tokens = torch.randint(0, TINY["vocab_size"], (2, 40), generator=torch.Generator().manual_seed(3)).to(DEVICE)
+    ends = (9, 22, 40)  # the last two pieces continue a used cache
+    with torch.no_grad():
+        full = model(tokens).logits
+        cache, start, pieces = chunked.new_cache(2, DEVICE), 0, []
+        for end in ends:
+            pieces.append(chunked(tokens[:, start:end], cache).logits)
+            start = end
+    torch.testing.assert_close(torch.cat(pieces, 1), full, atol=1e-5, rtol=1e-4)
+    assert calls == {"_attention_forward": len(ends) * TINY["n_layers"]}
+
+
 def test_compiled_model_with_every_triton_kernel_matches_eager():
     """The whole model under torch.compile (AOT autograd, no C++ compiler needed) with both
     kernels: the eager model's logits and parameter gradients."""

@@ -81,7 +81,8 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None and start > 0:
             past_k, past_v = cache.read(start - min(start, self.window or start), start)  # [B, n, Hkv, dh]
-            out = attention_continued(q, k, v, past_k, past_v, self.window, self.block_size)
+            out = attention_continued(q, k, v, past_k, past_v, self.window, self.block_size,
+                                      windowed=self.parallel_attention)
         else:
             out = self.parallel_attention(q, k, v, window=self.window, chunk_size=self.block_size)
         if cache is not None:

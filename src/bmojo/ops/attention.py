@@ -360,6 +360,7 @@ def attention_continued(
     window: int | None,
     chunk_size: int = 64,
     scale: float | None = None,
+    windowed: Callable[..., Tensor] = union_attention_chunked,
 ) -> Tensor:
     """Attention of ``l`` new queries that continue a sequence: ``q [b, l, h, dh]`` and
     ``k, v [b, l, hkv, dh]`` at positions ``p .. p+l-1``, ``past_k, past_v [b, n, hkv, dh]``
@@ -368,14 +369,15 @@ def attention_continued(
     over the whole sequence, rows ``p ..``; ``[b, l, h, dh]``.
 
     Full attention: one SDPA call of the new queries against past and new keys, with the
-    causal mask shifted by ``n``. Window: :func:`union_attention_chunked` over the past and
-    new positions, with zero queries in the past (their rows are dropped).
+    causal mask shifted by ``n``. Window: ``windowed`` (the union attention's parallel form of
+    the layer's kernel, :func:`union_attention_for`) over the past and new positions, with zero
+    queries in the past (their rows are dropped).
     """
     n, l = past_k.shape[1], q.shape[1]
     keys, values = torch.cat([past_k, k], 1), torch.cat([past_v, v], 1)  # [b, n+l, hkv, dh]
     if window is not None:
         queries = torch.cat([q.new_zeros(q.shape[0], n, *q.shape[2:]), q], 1)  # [b, n+l, h, dh]
-        return union_attention_chunked(queries, keys, values, window, chunk_size=chunk_size, scale=scale)[:, n:]
+        return windowed(queries, keys, values, window, chunk_size=chunk_size, scale=scale)[:, n:]
     _check_inputs(q, k, v, window, 0, None, None, None, None, None, chunk_size)
     group = q.shape[2] // k.shape[2]
     qh = q.transpose(1, 2)  # [b, h, l, dh]
