@@ -65,9 +65,9 @@ def test_triton_ssd_case_times_the_kernels_against_the_pytorch_scan_on_the_same_
 
     if not INTERPRETED:
         pytest.skip("on CUDA the bench run itself times this case")
-    case = bench_ops.triton_ssd_case(1, 100)  # two chunks of 64, the second padded
+    case = bench_ops.triton_ssd_case(1, 100, 64)  # two chunks of 64, the second padded
     assert case.op == "triton ssd chunk=64 fp32"
-    assert case.fast.keywords == {"chunk_size": 64, "kernel": "triton"} and "kernel" not in case.baseline.keywords
+    assert case.fast.keywords == {"chunk_size": 64, "kernel": "triton"} and case.baseline.keywords == {"chunk_size": 64}
     (y, state), (y_ref, state_ref) = case.fast(**case.kwargs), case.baseline(**case.kwargs)
     torch.testing.assert_close(y, y_ref, atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(state, state_ref, atol=1e-5, rtol=1e-4)

@@ -16,7 +16,8 @@ For each sequence length L it times, forward (under ``torch.no_grad``) and forwa
 - on CUDA with triton installed, the union attention's Triton kernels
   (``union_attention_triton``, fast) vs ``union_attention_chunked`` (baseline), as a B'MOJO
   layer calls it and as plain sliding-window attention, in float32 and bfloat16; and the SSD
-  scan's Triton kernels (``ssd_chunked(kernel="triton")``, fast) vs its PyTorch scan (baseline).
+  scan's Triton kernels (``ssd_chunked(kernel="triton")``, fast) vs its PyTorch scan (baseline),
+  at the models' chunk (``SSD_CHUNK_SIZE``) and at twice it.
 
 Baseline and fast path run alternately in the same loop, so that machine noise hits both.
 Each row gives the median and the spread (min-max) in ms, and the ratio
@@ -47,11 +48,13 @@ from torch import Tensor
 from bmojo.bench.common import machine_info, parse_int_list, require_at_least, resolve_device, timed
 from bmojo.ops.attention import union_attention_blocks, union_attention_chunked, union_attention_reference
 from bmojo.ops.conv import causal_depthwise_conv1d, causal_depthwise_conv1d_reference
-from bmojo.ops.ssd import ssd_chunked, ssd_sequential
+from bmojo.ops.ssd import SSD_CHUNK_SIZE, ssd_chunked, ssd_sequential
 
 SSD_HEADS, SSD_HEAD_DIM, SSD_GROUPS, SSD_STATE, SSD_CHUNK = 8, 64, 1, 64, 64
 ATTN_HEADS, ATTN_KV_HEADS, ATTN_HEAD_DIM = 8, 4, 64
 WINDOW, FADING_SPAN, ATTN_CHUNK, MEMORY_SLOTS = 256, 256, 256, 64
+# The Triton SSD's rows: the models' chunk (the fastest on CPU) and twice it.
+TRITON_SSD_CHUNKS = (SSD_CHUNK_SIZE, 2 * SSD_CHUNK_SIZE)
 SHORT_WINDOW = 64  # the window of the band-mask vs blocks comparison (blocks of the same size)
 CONV_WIDTH = 4  # Mamba-2's d_conv
 CONV_CHANNELS = SSD_HEADS * SSD_HEAD_DIM + 2 * SSD_GROUPS * SSD_STATE  # x, B, C of the SSD case's layer
@@ -224,14 +227,16 @@ def triton_attention_cases(batch: int, length: int, dtype: torch.dtype) -> list[
     return cases
 
 
-def triton_ssd_case(batch: int, length: int) -> Case:
-    """The SSD case with the scan's Triton kernels (fast) against its PyTorch scan (baseline)."""
+def triton_ssd_case(batch: int, length: int, chunk: int) -> Case:
+    """The SSD case with chunks of ``chunk``: the scan's Triton kernels (fast) against its PyTorch
+    scan (baseline), both on the same chunks."""
     case = ssd_case(batch, length)
     # The chunked scan holds a few [b, h, L, Q] score and [b, h, L/Q, p, n] state tensors.
-    chunk_bytes = batch * SSD_HEADS * (length * SSD_CHUNK + math.ceil(length / SSD_CHUNK) * SSD_HEAD_DIM * SSD_STATE
+    chunk_bytes = batch * SSD_HEADS * (length * chunk + math.ceil(length / chunk) * SSD_HEAD_DIM * SSD_STATE
                                        ) * FP32_BYTES
-    return dataclasses.replace(case, op=f"triton ssd chunk={SSD_CHUNK} fp32", baseline=case.fast,
-                               fast=functools.partial(ssd_chunked, chunk_size=SSD_CHUNK, kernel="triton"),
+    return dataclasses.replace(case, op=f"triton ssd chunk={chunk} fp32",
+                               baseline=functools.partial(ssd_chunked, chunk_size=chunk),
+                               fast=functools.partial(ssd_chunked, chunk_size=chunk, kernel="triton"),
                                baseline_peak_bytes={"fwd": 3 * chunk_bytes, "fwd+bwd": 6 * chunk_bytes})
 
 
@@ -258,7 +263,8 @@ def build_cases(batch: int, length: int, with_triton: bool = False) -> list[Case
     ]
     if with_triton:
         cases += [*triton_attention_cases(batch, length, torch.float32),
-                  *triton_attention_cases(batch, length, torch.bfloat16), triton_ssd_case(batch, length)]
+                  *triton_attention_cases(batch, length, torch.bfloat16),
+                  *(triton_ssd_case(batch, length, chunk) for chunk in TRITON_SSD_CHUNKS)]
     return cases
 
 
