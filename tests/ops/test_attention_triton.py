@@ -92,15 +92,29 @@ def test_backward_runs_only_the_kernels_of_the_inputs_that_need_a_gradient(wante
     assert counts == launches
 
 
+def strided(t: torch.Tensor) -> torch.Tensor:
+    """``t``'s values in a layout that is not contiguous (the last two dimensions' strides swapped)."""
+    return t.mT.contiguous().mT
+
+
+@pytest.mark.parametrize("layout", [torch.Tensor.contiguous, strided])
 @pytest.mark.parametrize(("fading_span", "capacity"), [(3, 4), (0, None)])
-def test_operators_pass_opcheck(fading_span, capacity):
-    """The custom operators' schema, fake tensors (what torch.compile traces with), autograd
-    registration and AOT dispatch (torch.library.opcheck), with every key set and with none."""
+def test_operators_pass_opcheck(fading_span, capacity, layout):
+    """The custom operators' schema, fake tensors (what torch.compile traces with: their strides
+    too), autograd registration and AOT dispatch (torch.library.opcheck), with every key set and
+    with none, on contiguous inputs and on strided ones; the backward on its own with a strided
+    incoming gradient."""
     inputs = make_inputs(40, 2, fading_span, capacity, 16, seed=1)
-    leaves = [None if inputs[n] is None else inputs[n].to(DEVICE).requires_grad_()
+    leaves = [None if inputs[n] is None else layout(inputs[n].to(DEVICE)).requires_grad_()
               for n in ("q", "k", "v", "kf", "vf", "q_mem", "mem_k", "mem_v")]
     mem_pos = None if capacity is None else inputs["mem_pos"].to(DEVICE)
-    torch.library.opcheck(attention_triton._attention_forward, (*leaves, mem_pos, 4, fading_span, 16, 0.125))
+    settings = (4, fading_span, 16, 0.125)  # window, fading_span, chunk_size, scale
+    torch.library.opcheck(attention_triton._attention_forward, (*leaves, mem_pos, *settings))
+    tensors = [None if t is None else t.detach() for t in (*leaves, mem_pos)]
+    out, lse = attention_triton._attention_forward(*tensors, *settings)
+    needs = [True] * attention_triton.GRAD_INPUTS
+    torch.library.opcheck(attention_triton._attention_backward,
+                          (layout(torch.randn_like(out)), *tensors, out, lse, *settings, needs))
 
 
 def test_compiled_graph_holds_the_kernels_whole():

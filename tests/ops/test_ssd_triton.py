@@ -14,7 +14,7 @@ import torch
 
 pytest.importorskip("triton")
 
-from test_attention_triton import assert_triton_model_matches_torch  # noqa: E402 (tests/ops, pytest's rootdir import)
+from test_attention_triton import assert_triton_model_matches_torch, strided  # noqa: E402 (tests/ops, pytest's rootdir import)
 from test_ssd import make_inputs, run_with_grads  # noqa: E402
 
 from bmojo import ModelConfig  # noqa: E402
@@ -50,6 +50,21 @@ def test_kernels_match_the_sequential_scan(l, g, chunk_size, p, n, with_init, wi
         torch.testing.assert_close(grads[name], g_ref[name], atol=1e-4, rtol=1e-4, msg=name)
 
 
+@pytest.mark.parametrize("used", ["y", "final_state"])
+def test_gradients_when_one_output_alone_is_used(used):
+    """The backward gets no gradient (None) for the unused output: the same gradients as the
+    PyTorch scan's, which gets zeros."""
+    inputs = on_device(make_inputs(40, 2, with_init=True, with_d=True, seed=8))
+    grads = {}
+    for kernel in ("torch", "triton"):
+        leaves = {name: t.clone().requires_grad_() for name, t in inputs.items()}
+        y, final_state = ssd_chunked(**leaves, chunk_size=16, kernel=kernel)
+        loss = (y if used == "y" else final_state).square().sum()
+        grads[kernel] = torch.autograd.grad(loss, list(leaves.values()), allow_unused=True)
+    for name, grad, grad_ref in zip(inputs, grads["triton"], grads["torch"], strict=True):
+        torch.testing.assert_close(grad, grad_ref, atol=1e-5, rtol=1e-4, msg=name)
+
+
 def test_bfloat16_inputs_accumulate_in_float32():
     """As the PyTorch scan: bf16 in and out, float32 inside, the same result to bf16 rounding."""
     inputs = on_device(make_inputs(40, 2, seed=3, dtype=torch.bfloat16))
@@ -72,9 +87,8 @@ def test_rejects_what_the_kernels_do_not_compute(chunk_size, dtype, message):
 
 
 def test_unknown_kernel_is_a_value_error():
-    with pytest.raises(ValueError, match="kernel='cuda' is invalid"):
+    with pytest.raises(ValueError, match="unknown SSD kernel 'cuda': must be one of"):
         ssd_chunked(**make_inputs(8, 1), kernel="cuda")
-
 
 
 @pytest.mark.parametrize("arch", ["mamba2", "bmojo", "bmojo-f"])
@@ -87,16 +101,22 @@ def test_config_rejects_an_unknown_ssd_kernel():
         ModelConfig.preset("mamba2", ssd_kernel="cuda")
 
 
-def test_operators_pass_opcheck():
-    """The custom operators' schema, fake tensors (what torch.compile traces with), autograd
-    registration and AOT dispatch (torch.library.opcheck), on inputs laid out as ssd_chunked does."""
+@pytest.mark.parametrize("layout", [torch.Tensor.contiguous, strided])
+def test_operators_pass_opcheck(layout):
+    """The custom operators' schema, fake tensors (what torch.compile traces with: their strides
+    too), autograd registration and AOT dispatch (torch.library.opcheck), on inputs laid out as
+    ssd_chunked does and on strided ones; the backward on its own with a strided incoming gradient."""
     gen = torch.Generator().manual_seed(4)
     b, h, g, c, Q, p, n = 1, 4, 2, 3, 16, 8, 8
     x_dt, Bc, Cc = (torch.randn(*shape, generator=gen) for shape in ((b, h, c, Q, p), (b, g, c, Q, n), (b, g, c, Q, n)))
     a = -torch.rand(b, h, c, Q, generator=gen)
     state = torch.randn(b, h, p, n, generator=gen)
-    args = tuple(t.to(DEVICE).requires_grad_() for t in (x_dt, a, Bc, Cc, state))
+    args = tuple(layout(t.to(DEVICE)).requires_grad_() for t in (x_dt, a, Bc, Cc, state))
     torch.library.opcheck(ssd_triton._scan_forward, args)
+    y, final_state, entering, chunk_decay = ssd_triton._scan_forward(*(t.detach() for t in args))
+    d_y, d_final = layout(torch.randn_like(y)), layout(torch.randn_like(final_state))
+    torch.library.opcheck(ssd_triton._scan_backward, (d_y, d_final, *(t.detach() for t in args[:4]), entering,
+                                                       chunk_decay))
 
 
 def test_compiled_graph_holds_the_kernels_whole():

@@ -306,8 +306,9 @@ def _backward_memory(QM, MK, MV, MPOS, DO, LSE, DELTA, DMK, DMV,
 
 # The kernels as two custom operators (forward, backward) with the backward registered as the
 # forward's autograd formula: torch.compile keeps them whole in its graph (fake tensors give their
-# shapes) instead of tracing into Triton's launcher. Contiguous inputs, a finite ``window``; without
-# ``q_mem`` the memory slots are scored with ``q``, whose gradient gets both parts.
+# shapes) instead of tracing into Triton's launcher. Inputs of any layout (each operator makes them
+# contiguous), a finite ``window``; without ``q_mem`` the memory slots are scored with ``q``,
+# whose gradient gets both parts.
 
 GRAD_INPUTS = 8  # q, k, v, kf, vf, q_mem, mem_k, mem_v: the inputs with a gradient, in this order
 
@@ -316,7 +317,9 @@ GRAD_INPUTS = 8  # q, k, v, kf, vf, q_mem, mem_k, mem_v: the inputs with a gradi
 def _attention_forward(q: Tensor, k: Tensor, v: Tensor, kf: Tensor | None, vf: Tensor | None, q_mem: Tensor | None,
                        mem_k: Tensor | None, mem_v: Tensor | None, mem_pos: Tensor | None, window: int,
                        fading_span: int, chunk_size: int, scale: float) -> tuple[Tensor, Tensor]:
-    """``(out [b, l, h, dh], lse [b, h, l])``: the attention and each row's base-2 log-sum-exp."""
+    """``(out [b, l, h, dh], lse [b, h, l])``: the attention and each row's base-2 log-sum-exp,
+    contiguous whatever the inputs' layout."""
+    q, k, v, kf, vf, q_mem, mem_k, mem_v, mem_pos = _contiguous(q, k, v, kf, vf, q_mem, mem_k, mem_v, mem_pos)
     b, l, h, dh = q.shape
     has_fading, has_memory = kf is not None, mem_k is not None
     n_chunks, slots = (mem_k.shape[1], mem_k.shape[2]) if has_memory else (1, 0)
@@ -334,7 +337,7 @@ def _attention_forward(q: Tensor, k: Tensor, v: Tensor, kf: Tensor | None, vf: T
 @_attention_forward.register_fake
 def _attention_forward_shapes(q, k, v, kf, vf, q_mem, mem_k, mem_v, mem_pos, window, fading_span, chunk_size, scale):
     b, l, h, _ = q.shape
-    return torch.empty_like(q, dtype=v.dtype), q.new_empty(b, h, l, dtype=torch.float32)
+    return q.new_empty(q.shape, dtype=v.dtype), q.new_empty(b, h, l, dtype=torch.float32)
 
 
 def _wanted(inputs: list[Tensor | None], needs: list[bool]) -> list[bool]:
@@ -349,7 +352,9 @@ def _attention_backward(d_out: Tensor, q: Tensor, k: Tensor, v: Tensor, kf: Tens
                         out: Tensor, lse: Tensor, window: int, fading_span: int, chunk_size: int, scale: float,
                         needs: list[bool]) -> list[Tensor]:
     """The gradients of the :data:`GRAD_INPUTS` in their order, an empty tensor for each one
-    absent or not in ``needs``: a kernel runs only for the inputs whose gradient is wanted."""
+    absent or not in ``needs``: a kernel runs only for the inputs whose gradient is wanted. Contiguous."""
+    d_out, q, k, v, kf, vf, q_mem, mem_k, mem_v, mem_pos, out, lse = _contiguous(
+        d_out, q, k, v, kf, vf, q_mem, mem_k, mem_v, mem_pos, out, lse)
     b, l, h, dh = q.shape
     hkv = k.shape[2]
     has_fading, has_memory = kf is not None, mem_k is not None
@@ -357,7 +362,6 @@ def _attention_backward(d_out: Tensor, q: Tensor, k: Tensor, v: Tensor, kf: Tens
     want = _wanted([q, k, v, kf, vf, q_mem, mem_k, mem_v], needs)
     block_d, block_m, block_n = _block_sizes(dh, q.dtype)
     tiles = dict(head_dim=dh, BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=block_n, PRECISION=_precision(q.dtype))
-    d_out = d_out.contiguous()
     delta = (d_out.float() * out.float()).sum(-1).transpose(1, 2).contiguous()  # [b, h, l]: Σ_d dO·O
     scoring_query = q if q_mem is None else q_mem  # what scores the memory slots
     grads = [q.new_empty(0)] * GRAD_INPUTS
@@ -393,7 +397,7 @@ def _attention_backward(d_out: Tensor, q: Tensor, k: Tensor, v: Tensor, kf: Tens
 def _attention_backward_shapes(d_out, q, k, v, kf, vf, q_mem, mem_k, mem_v, mem_pos, out, lse, window, fading_span,
                                chunk_size, scale, needs):
     inputs = [q, k, v, kf, vf, q_mem, mem_k, mem_v]
-    return [torch.empty_like(t) if wanted else q.new_empty(0)
+    return [t.new_empty(t.shape) if wanted else q.new_empty(0)
             for t, wanted in zip(inputs, _wanted(inputs, needs), strict=True)]
 
 
@@ -402,9 +406,10 @@ def _save_for_backward(ctx, inputs: tuple, output: tuple[Tensor, Tensor]) -> Non
     ctx.save_for_backward(*tensors, *output)
     ctx.args = (window, fading_span, chunk_size, scale)
     ctx.mark_non_differentiable(output[1])
+    ctx.set_materialize_grads(False)  # no zero gradient allocated for the log-sum-exp
 
 
-def _gradients(ctx, d_out: Tensor, _d_lse: Tensor | None) -> tuple[Tensor | None, ...]:
+def _gradients(ctx, d_out: Tensor, _d_lse: None) -> tuple[Tensor | None, ...]:
     needs = list(ctx.needs_input_grad[:GRAD_INPUTS])
     grads = _attention_backward(d_out, *ctx.saved_tensors, *ctx.args, needs)
     wanted = _wanted(list(ctx.saved_tensors[:GRAD_INPUTS]), needs)
@@ -412,6 +417,10 @@ def _gradients(ctx, d_out: Tensor, _d_lse: Tensor | None) -> tuple[Tensor | None
 
 
 _attention_forward.register_autograd(_gradients, setup_context=_save_for_backward)
+
+
+def _contiguous(*tensors: Tensor | None) -> list[Tensor | None]:
+    return [None if t is None else t.contiguous() for t in tensors]
 
 
 def _or(placeholder: Tensor, *tensors: Tensor | None) -> list[Tensor]:
@@ -479,8 +488,7 @@ def union_attention_triton(
                          f"needs TRITON_INTERPRET=1 set before bmojo.ops.attention_triton is imported)")
     window = l if window is None else window  # full causal: a window over the whole sequence
     scale = dh**-0.5 if scale is None else scale
-    inputs = [None if t is None else t.contiguous() for t in (q, k, v, kf, vf, q_mem, mem_k, mem_v, mem_pos)]
-    return _attention_forward(*inputs, window, fading_span, chunk_size, scale)[0]
+    return _attention_forward(q, k, v, kf, vf, q_mem, mem_k, mem_v, mem_pos, window, fading_span, chunk_size, scale)[0]
 
 
 def cuda_builds(dtype: torch.dtype = torch.bfloat16, head_dim: int = 64) -> list[tuple]:

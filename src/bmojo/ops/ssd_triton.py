@@ -5,7 +5,7 @@ chunks in one launch.
 
 Same inputs and results as ``_ChunkScan`` (:func:`bmojo.ops.ssd.ssd_chunked` lays them out):
 ``x_dt [b, h, c, Q, p]``, ``a [b, h, c, Q]``, ``Bc, Cc [b, g, c, Q, n]``, ``initial_state
-[b, h, p, n]``, all float32 and contiguous -> ``(y [b, h, c, Q, p], final_state [b, h, p, n])``.
+[b, h, p, n]``, all float32 -> ``(y [b, h, c, Q, p], final_state [b, h, p, n])``.
 Five kernels:
 
 - ``_chunk_state``: the state each chunk adds at its end, ``Σ_j exp(a_{j+1} + … + a_Q) x_dt_j ⊗ B_j``;
@@ -205,7 +205,9 @@ def _recurrence(added: Tensor, decay: Tensor, initial: Tensor, reverse: bool) ->
 def _scan_forward(x_dt: Tensor, a: Tensor, Bc: Tensor, Cc: Tensor, initial_state: Tensor
                   ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """``(y, final_state, entering [b, h, c, p, n], chunk_decay [b, h, c])``: the scan, and what
-    its backward reads (the state entering each chunk, the decay across each chunk)."""
+    its backward reads (the state entering each chunk, the decay across each chunk). Every output
+    contiguous, whatever the inputs' layout."""
+    x_dt, a, Bc, Cc, initial_state = (t.contiguous() for t in (x_dt, a, Bc, Cc, initial_state))
     b, h, c, Q, p = x_dt.shape
     g, n = Bc.shape[1], Bc.shape[-1]
     grid, shape = (b * h, c), (h, g, c, p, n)
@@ -222,25 +224,24 @@ def _scan_forward(x_dt: Tensor, a: Tensor, Bc: Tensor, Cc: Tensor, initial_state
 @_scan_forward.register_fake
 def _scan_forward_shapes(x_dt, a, Bc, Cc, initial_state):
     b, h, c, _, p = x_dt.shape
-    return (torch.empty_like(x_dt), torch.empty_like(initial_state), x_dt.new_empty(b, h, c, p, Bc.shape[-1]),
-            a.new_empty(b, h, c))
+    return _dense(x_dt), _dense(initial_state), x_dt.new_empty(b, h, c, p, Bc.shape[-1]), a.new_empty(b, h, c)
 
 
 @torch.library.custom_op("bmojo::chunk_scan_backward", mutates_args=())
 def _scan_backward(dy: Tensor, d_final: Tensor, x_dt: Tensor, a: Tensor, Bc: Tensor, Cc: Tensor, entering: Tensor,
                    chunk_decay: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """The gradients of ``x_dt, a, Bc, Cc, initial_state``."""
+    """The gradients of ``x_dt, a, Bc, Cc, initial_state``, contiguous."""
+    dy, d_final, x_dt, a, Bc, Cc = (t.contiguous() for t in (dy, d_final, x_dt, a, Bc, Cc))
     b, h, c, Q, p = x_dt.shape
     g, n = Bc.shape[1], Bc.shape[-1]
     grid, shape = (b * h, c), (h, g, c, p, n)
     tiles = _tiles(Q, p, n)
-    dy = dy.contiguous()
     dx_dt, d_log, da = torch.empty_like(x_dt), torch.empty_like(a), torch.empty_like(a)
     dB_heads, dC_heads = x_dt.new_empty(b, h, c, Q, n), x_dt.new_empty(b, h, c, Q, n)
     d_entering = torch.empty_like(entering)
     _chunk_output_backward[grid](x_dt, a, Bc, Cc, entering, dy, dx_dt, dB_heads, dC_heads, d_log, d_entering,
                                  *shape, **tiles)
-    d_states, d_initial = _recurrence(d_entering, chunk_decay, d_final.contiguous(), reverse=True)
+    d_states, d_initial = _recurrence(d_entering, chunk_decay, d_final, reverse=True)
     _chunk_state_backward[grid](x_dt, a, Bc, entering, d_states, dx_dt, dB_heads, d_log, da, *shape, **tiles)
 
     def per_group(t: Tensor) -> Tensor:  # [b, h, c, Q, n] -> [b, g, c, Q, n]
@@ -251,8 +252,12 @@ def _scan_backward(dy: Tensor, d_final: Tensor, x_dt: Tensor, a: Tensor, Bc: Ten
 
 @_scan_backward.register_fake
 def _scan_backward_shapes(dy, d_final, x_dt, a, Bc, Cc, entering, chunk_decay):
-    return (torch.empty_like(x_dt), torch.empty_like(a), torch.empty_like(Bc), torch.empty_like(Cc),
-            torch.empty_like(d_final))
+    return _dense(x_dt), _dense(a), _dense(Bc), _dense(Cc), _dense(d_final)
+
+
+def _dense(t: Tensor) -> Tensor:
+    """An uninitialised contiguous tensor of ``t``'s shape, dtype and device: an output's fake."""
+    return t.new_empty(t.shape)
 
 
 def _save_for_backward(ctx, inputs: tuple[Tensor, ...], output: tuple[Tensor, ...]) -> None:
@@ -261,6 +266,7 @@ def _save_for_backward(ctx, inputs: tuple[Tensor, ...], output: tuple[Tensor, ..
     ctx.save_for_backward(x_dt, a, Bc, Cc, entering, chunk_decay)
     ctx.state_shape = final_state.shape
     ctx.mark_non_differentiable(entering, chunk_decay)
+    ctx.set_materialize_grads(False)  # None, not zeros, for the non-differentiable outputs and an unused one
 
 
 def _gradients(ctx, dy: Tensor | None, d_final: Tensor | None, _d_entering, _d_decay) -> tuple[Tensor | None, ...]:
@@ -283,7 +289,7 @@ def chunk_scan_triton(x_dt: Tensor, a: Tensor, Bc: Tensor, Cc: Tensor, initial_s
         raise ValueError(f"the Triton SSD runs on CUDA tensors, got {x_dt.device} (Triton's CPU interpreter "
                          f"needs TRITON_INTERPRET=1 set before bmojo.ops.ssd_triton is imported)")
     _tiles(x_dt.shape[3], x_dt.shape[4], Bc.shape[-1])  # the chunk length, checked
-    y, final_state, _, _ = _scan_forward(*(t.contiguous() for t in (x_dt, a, Bc, Cc, initial_state)))
+    y, final_state, _, _ = _scan_forward(x_dt, a, Bc, Cc, initial_state)
     return y, final_state
 
 
