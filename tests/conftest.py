@@ -1,9 +1,11 @@
 import os
+import sys
 
 import pytest
 import torch
 
 from bmojo.compilation import require_cxx_compiler
+from bmojo.device import KERNEL_MODULES
 
 if not torch.cuda.is_available():
     # Triton's kernels (tests/ops/test_attention_triton.py) run in its CPU interpreter here. The
@@ -51,3 +53,15 @@ def count_calls(monkeypatch):
         return counts
 
     return wrap
+
+
+@pytest.fixture
+def triton_without_interpreter(monkeypatch):
+    """Triton as a run outside the tests sees it: no CPU interpreter, its setting and the kernel
+    modules already imported (which read it at their import) both say so."""
+    triton = pytest.importorskip("triton")
+    monkeypatch.setattr(triton.knobs.runtime, "interpret", False)
+    for module in map(sys.modules.get, KERNEL_MODULES):
+        if module is not None:
+            monkeypatch.setattr(module, "INTERPRETED", False)
+    return triton

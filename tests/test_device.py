@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import sys
+import types
 
 import pytest
 import torch
 
 from bmojo import ModelConfig
-from bmojo.device import device_or_default, require_kernels_run_on, triton_unavailable
+from bmojo.device import KERNEL_MODULES, device_or_default, require_kernels_run_on, triton_unavailable
 
 
 def test_default_device_is_cuda_when_available():
@@ -21,16 +22,27 @@ def test_pytorch_kernels_run_anywhere(monkeypatch):
     require_kernels_run_on(ModelConfig.preset("bmojo"), "cpu")
 
 
-def test_triton_kernels_off_cuda_are_a_value_error_naming_the_fields(monkeypatch):
-    triton = pytest.importorskip("triton")
-    monkeypatch.setattr(triton.knobs.runtime, "interpret", False)
+def test_triton_kernels_off_cuda_are_a_value_error_naming_the_fields(triton_without_interpreter):
     config = ModelConfig.preset("bmojo", attention_kernel="triton", ssd_kernel="triton")
     with pytest.raises(ValueError, match="^attention_kernel='triton' and ssd_kernel='triton': the Triton kernels "
                                          "run on CUDA, this run's device is cpu$"):
         require_kernels_run_on(config, "cpu")
     require_kernels_run_on(config, "cuda")  # where they run: no error before the first step
-    monkeypatch.setattr(triton.knobs.runtime, "interpret", True)
-    assert triton_unavailable("cpu") is None  # the interpreter runs them on the CPU, as in the tests
+
+
+@pytest.mark.parametrize("imported", [False, True])
+def test_the_interpreter_runs_the_kernels_on_the_cpu_as_the_imported_modules_decided(imported, monkeypatch):
+    """Triton's setting counts until the kernel modules are imported; then what they read at
+    their import does (the kernels were defined interpreted or not), whatever the setting now."""
+    triton = pytest.importorskip("triton")
+    for name in KERNEL_MODULES:
+        monkeypatch.delitem(sys.modules, name, raising=False)
+        if imported:
+            monkeypatch.setitem(sys.modules, name, types.SimpleNamespace(INTERPRETED=True))
+    monkeypatch.setattr(triton.knobs.runtime, "interpret", not imported)
+    assert triton_unavailable("cpu") is None
+    monkeypatch.setattr(triton.knobs.runtime, "interpret", imported)
+    assert (triton_unavailable("cpu") is None) == imported
 
 
 def test_triton_missing_is_named(monkeypatch):

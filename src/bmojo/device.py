@@ -3,6 +3,7 @@ whether a model's Triton kernels can run on a device."""
 
 from __future__ import annotations
 
+import sys
 from typing import TYPE_CHECKING
 
 import torch
@@ -11,6 +12,7 @@ if TYPE_CHECKING:
     from bmojo.config import ModelConfig
 
 KERNEL_FIELDS = ("attention_kernel", "ssd_kernel")
+KERNEL_MODULES = ("bmojo.ops.attention_triton", "bmojo.ops.ssd_triton")
 
 
 def device_or_default(device: str | None) -> str:
@@ -25,9 +27,17 @@ def triton_unavailable(device: str | torch.device) -> str | None:
         import triton
     except ImportError:
         return "triton is not installed (`pip install triton`; CUDA builds of torch install it)"
-    if torch.device(device).type != "cuda" and not triton.knobs.runtime.interpret:
+    if torch.device(device).type != "cuda" and not _interpreted(triton):
         return f"the Triton kernels run on CUDA, this run's device is {torch.device(device)}"
     return None
+
+
+def _interpreted(triton) -> bool:
+    """Whether the kernels run in Triton's CPU interpreter: as the kernel modules already imported
+    decided at their import (Triton reads its setting when it defines a kernel), else as the
+    setting is now (the modules read it when they are imported)."""
+    decided = [module.INTERPRETED for module in map(sys.modules.get, KERNEL_MODULES) if module is not None]
+    return all(decided) if decided else triton.knobs.runtime.interpret
 
 
 def require_kernels_run_on(config: ModelConfig, device: str | torch.device) -> None:

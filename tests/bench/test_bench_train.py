@@ -169,8 +169,6 @@ def test_both_kernels_time_each_arch_with_attention_or_ssd_twice(bench, json_lin
     assert "windowed attention and SSD: PyTorch ops and Triton kernels (label +triton)" in out
 
 
-def test_triton_kernel_off_cuda_is_a_value_error(bench, tmp_path, monkeypatch):
-    triton = pytest.importorskip("triton")
-    monkeypatch.setattr(triton.knobs.runtime, "interpret", False)
+def test_triton_kernel_off_cuda_is_a_value_error(bench, tmp_path, triton_without_interpreter):
     with pytest.raises(ValueError, match="--kernel triton: the Triton kernels run on CUDA, this run's device is cpu"):
         bench(["train", "--quick", "--kernel", "triton", "--plot-dir", str(tmp_path)])

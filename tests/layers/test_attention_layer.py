@@ -105,6 +105,12 @@ def test_only_a_window_uses_the_attention_kernel(monkeypatch) -> None:
         make_attention(2, window=4, qk_norm=False, attention_kernel="triton")
 
 
+@pytest.mark.parametrize("window", [None, 4])
+def test_unknown_attention_kernel_is_a_value_error(window) -> None:
+    with pytest.raises(ValueError, match="^attention_kernel='cuda' is invalid: must be one of"):
+        make_attention(2, window=window, qk_norm=False, attention_kernel="cuda")
+
+
 def test_parameter_names() -> None:
     attn = make_attention(2, 4, True)
     assert {n: tuple(p.shape) for n, p in attn.named_parameters()} == {

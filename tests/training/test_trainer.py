@@ -72,12 +72,10 @@ def test_optimizer_uses_decay_groups(tmp_path):
             assert by_id[id(p)] == 0.1, name
 
 
-def test_triton_kernels_off_cuda_fail_before_the_first_step(tmp_path, monkeypatch):
-    triton = pytest.importorskip("triton")
+def test_triton_kernels_off_cuda_fail_before_the_first_step(tmp_path, request):
     torch.manual_seed(0)
     model = LanguageModel(ModelConfig.preset("mamba2", **MODEL, ssd_kernel="triton"))
-    # After the kernels' module is imported: it decides at import whether its kernels are interpreted.
-    monkeypatch.setattr(triton.knobs.runtime, "interpret", False)
+    request.getfixturevalue("triton_without_interpreter")  # after the kernels' module is imported
     with pytest.raises(ValueError, match="ssd_kernel='triton': the Triton kernels run on CUDA"):
         Trainer(model, train_config(), copy_batches, tmp_path, device="cpu", progress=False)
     assert not any(tmp_path.iterdir())  # nothing written

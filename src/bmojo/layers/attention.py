@@ -12,7 +12,7 @@ from torch import Tensor, nn
 
 from bmojo.layers.kv_buffer import KVBuffer
 from bmojo.layers.norm import RMSNorm
-from bmojo.ops.attention import attention_continued, union_attention_for, union_attention_step
+from bmojo.ops.attention import ATTENTION_KERNELS, attention_continued, union_attention_for, union_attention_step
 from bmojo.ops.rope import apply_rope, rope_angles
 
 
@@ -41,7 +41,9 @@ class Attention(nn.Module):
         self.rope_theta = rope_theta
         self.block_size = block_size or window or 64
         # The parallel form: ``attention_kernel``'s for a window; full causal attention is
-        # PyTorch's SDPA (through union_attention_chunked) whichever kernel is chosen.
+        # PyTorch's SDPA (through union_attention_chunked) whichever valid kernel is chosen.
+        if attention_kernel not in ATTENTION_KERNELS:
+            raise ValueError(f"attention_kernel={attention_kernel!r} is invalid: must be one of {ATTENTION_KERNELS}")
         self.parallel_attention = union_attention_for(attention_kernel if window is not None else "torch")
         self.q_proj = nn.Linear(d_model, n_heads * self.head_dim, bias=False)
         self.k_proj = nn.Linear(d_model, n_kv_heads * self.head_dim, bias=False)

@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 from bmojo.layers.norm import GatedRMSNorm
 from bmojo.ops.conv import causal_depthwise_conv1d
-from bmojo.ops.ssd import SSD_CHUNK_SIZE, chunk_scan_for, ssd_chunked, ssd_step
+from bmojo.ops.ssd import SSD_CHUNK_SIZE, SSD_KERNELS, chunk_scan_for, ssd_chunked, ssd_step
 
 
 @dataclass
@@ -63,7 +63,12 @@ class Mamba2Mixer(nn.Module):
             raise ValueError(f"number of SSM heads {self.nheads} must be a multiple of ngroups {ngroups}")
         self.ngroups = ngroups
         self.chunk_size = SSD_CHUNK_SIZE if chunk_size is None else chunk_size
-        chunk_scan_for(ssd_kernel)  # a ValueError now for an unknown kernel, or triton missing
+        if ssd_kernel not in SSD_KERNELS:
+            raise ValueError(f"ssd_kernel={ssd_kernel!r} is invalid: must be one of {SSD_KERNELS}")
+        try:
+            chunk_scan_for(ssd_kernel)  # a ValueError now if triton is missing, not at the first step
+        except ValueError as err:
+            raise ValueError(f"ssd_kernel={ssd_kernel!r}: {err}") from None
         self.ssd_kernel = ssd_kernel
         self.conv_dim = self.d_inner + 2 * ngroups * d_state
 
