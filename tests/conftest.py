@@ -1,5 +1,5 @@
+import importlib
 import os
-import sys
 
 import pytest
 import torch
@@ -58,10 +58,10 @@ def count_calls(monkeypatch):
 @pytest.fixture
 def triton_without_interpreter(monkeypatch):
     """Triton as a run outside the tests sees it: no CPU interpreter, its setting and the kernel
-    modules already imported (which read it at their import) both say so."""
+    modules (which read it at their import) both say so. The modules are imported first, with the
+    interpreter: their kernels stay defined for the CPU for the tests that follow."""
     triton = pytest.importorskip("triton")
+    for name in KERNEL_MODULES:
+        monkeypatch.setattr(importlib.import_module(name), "INTERPRETED", False)
     monkeypatch.setattr(triton.knobs.runtime, "interpret", False)
-    for module in map(sys.modules.get, KERNEL_MODULES):
-        if module is not None:
-            monkeypatch.setattr(module, "INTERPRETED", False)
     return triton

@@ -111,3 +111,25 @@ def test_generate_with_a_disk_block_store(data_dir, tmp_path, capsys):
     capsys.readouterr()
     assert main(["generate", "--ckpt", str(without_storage), "--prompt", "x", "--storage", str(store_dir)]) == 2
     assert "no layer has storage" in capsys.readouterr().err
+
+
+def test_a_checkpoint_of_triton_kernels_runs_off_cuda_with_the_pytorch_ones(data_dir, tmp_path, capsys, request):
+    """A model trained with the Triton kernels (its config says so) off CUDA: a one-line error
+    naming the flags, and with ``--attention-kernel torch --ssd-kernel torch`` the same text as
+    the model computing with PyTorch's ops all along."""
+    out = tmp_path / "bmojo"
+    assert main(["train", "--task", "lm", "--data", str(data_dir), "--arch", "bmojo", "--out", str(out),
+                 "--max-steps", "1", *TINY]) == 0
+    capsys.readouterr()
+    argv = ["generate", "--ckpt", str(out), "--prompt", "B'MOJO", "--max-new-tokens", "8", "--seed", "2"]
+    assert main(argv) == 0
+    with_pytorch = capsys.readouterr().out
+    config = json.loads((out / "config.json").read_text())
+    (out / "config.json").write_text(json.dumps({**config, "attention_kernel": "triton", "ssd_kernel": "triton"}))
+    request.getfixturevalue("triton_without_interpreter")
+    assert main(argv) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"error: {out}: attention_kernel='triton' and ssd_kernel='triton': the Triton kernels run on CUDA, this "
+        f"run's device is cpu (--attention-kernel torch --ssd-kernel torch compute the same with PyTorch's ops)")
+    assert main([*argv, "--attention-kernel", "torch", "--ssd-kernel", "torch"]) == 0
+    assert capsys.readouterr().out == with_pytorch

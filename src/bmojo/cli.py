@@ -18,6 +18,9 @@ from bmojo.bench import add_bench_parser
 from bmojo.config import LM_SIZES, PRESETS, ModelConfig
 from bmojo.data.prepare import add_data_parser
 from bmojo.data.synthetic import TASKS
+from bmojo.device import KERNEL_FIELDS, require_kernels_run_on
+from bmojo.ops.attention import ATTENTION_KERNELS
+from bmojo.ops.ssd import SSD_KERNELS
 from bmojo.training.distributed import Distributed, launched_by_torchrun, run_distributed
 from bmojo.training.trainer import TrainConfig, TrainingDiverged
 
@@ -215,10 +218,31 @@ def _train_runs(args: argparse.Namespace, distributed: Distributed, device: str 
     return 0
 
 
+def _load_checkpoint(ckpt: str, args: argparse.Namespace, device: str = "cpu"):
+    """``ckpt``'s model on ``device``, computing with the kernels ``--attention-kernel`` and
+    ``--ssd-kernel`` choose (default: the checkpoint's); a ``ValueError`` naming those flags when
+    a kernel it would use cannot run on ``device`` (Triton kernels off CUDA)."""
+    from bmojo.models.lm import LanguageModel
+
+    model = LanguageModel.from_pretrained(ckpt, device=device, **{field: getattr(args, field)
+                                                                 for field in KERNEL_FIELDS})
+    try:
+        require_kernels_run_on(model.config, device)
+    except ValueError as err:
+        raise ValueError(f"{ckpt}: {err} (--attention-kernel torch --ssd-kernel torch compute the same with "
+                         f"PyTorch's ops)") from None
+    return model
+
+
+def _add_kernel_flags(parser: argparse.ArgumentParser) -> None:
+    for field, kernels in zip(KERNEL_FIELDS, (ATTENTION_KERNELS, SSD_KERNELS), strict=True):
+        parser.add_argument(f"--{field.replace('_', '-')}", choices=kernels, default=None,
+                            help=f"the model's {field} to compute with (same results; default: the checkpoint's)")
+
+
 def cmd_eval_lm(args: argparse.Namespace) -> int:
     from bmojo.data.shards import TokenShards
     from bmojo.evaluation.perplexity import perplexity_at, plot_perplexity
-    from bmojo.models.lm import LanguageModel
 
     if not args.data or not args.lengths:
         raise ValueError("--task lm needs --data DIR and --lengths A,B,...")
@@ -226,7 +250,7 @@ def cmd_eval_lm(args: argparse.Namespace) -> int:
     stream = shards.tokens("val")
     curves, train_lengths, table = {}, {}, {}
     for ckpt in args.ckpt:
-        model = LanguageModel.from_pretrained(ckpt, device=args.device or "cpu")
+        model = _load_checkpoint(ckpt, args, args.device or "cpu")
         if model.config.vocab_size != shards.vocab_size:
             raise ValueError(f"{ckpt} has vocabulary {model.config.vocab_size}, {args.data} has "
                              f"{shards.vocab_size}: not the same tokenizer")
@@ -249,7 +273,6 @@ def cmd_eval_lm(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from bmojo.models.lm import LanguageModel
     from bmojo.training.recall import RecallRun, evaluate_run
 
     if args.task == "lm":
@@ -257,7 +280,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if len(args.ckpt) != 1:
         raise ValueError("several --ckpt are for --task lm; evaluate recall checkpoints one at a time")
     args.ckpt = args.ckpt[0]
-    model = LanguageModel.from_pretrained(args.ckpt)
+    model = _load_checkpoint(args.ckpt, args, args.device or "cpu")
     saved = RecallRun.load(args.ckpt).to_dict() if (Path(args.ckpt) / "run.json").is_file() else {}
     spec = {**saved, "arch": model.config.arch, "model": model.config.to_dict()}
     spec["model"] = {k: v for k, v in spec["model"].items() if k not in MODEL_FIELDS_SET_BY_RUN}
@@ -275,7 +298,6 @@ def cmd_eval(args: argparse.Namespace) -> int:
     run = RecallRun.from_dict(spec)
     if run.vocab_size != model.config.vocab_size:
         raise ValueError(f"task vocabulary {run.vocab_size} differs from the model's {model.config.vocab_size}")
-    model = model.to(args.device or "cpu")
     if args.set:
         from bmojo.evaluation.ablation import with_settings
 
@@ -319,10 +341,9 @@ def _eval_ablation(args: argparse.Namespace, model, run, evaluate_run) -> int:
 def cmd_inspect(args: argparse.Namespace) -> int:
     from bmojo.data.synthetic import make_dataset
     from bmojo.evaluation.memory import inspect_memory, plot_memory
-    from bmojo.models.lm import LanguageModel
     from bmojo.training.recall import RecallRun
 
-    model = LanguageModel.from_pretrained(args.ckpt)
+    model = _load_checkpoint(args.ckpt, args)
     saved = RecallRun.load(args.ckpt) if (Path(args.ckpt) / "run.json").is_file() else None
     task = args.task or (saved.task if saved else None)
     if task is None:
@@ -357,10 +378,9 @@ def cmd_curves(args: argparse.Namespace) -> int:
 
 def cmd_generate(args: argparse.Namespace) -> int:
     from bmojo.data.tokenizer import load_tokenizer
-    from bmojo.models.lm import LanguageModel
     from bmojo.models.sampling import stream_generate
 
-    model = LanguageModel.from_pretrained(args.ckpt, device=args.device or "cpu").eval()
+    model = _load_checkpoint(args.ckpt, args, args.device or "cpu").eval()
     tokenizer = load_tokenizer(args.ckpt)
     prompt = tokenizer.encode(args.prompt)
     if not prompt:
@@ -466,6 +486,7 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("--length", type=positive_int, default=None, help="default: the run's first test length")
     inspect.add_argument("--seed", type=int, default=0, help="which test example")
     inspect.add_argument("--png", default=None, help="heat map path (default: CKPT/memory.png)")
+    _add_kernel_flags(inspect)
     inspect.set_defaults(func=cmd_inspect)
 
     curves = sub.add_parser("curves", help="learning curves of training runs: a metric against the step",
@@ -542,6 +563,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--test-lengths", type=_int_list, default=None, help="default: the run's")
     evaluate.add_argument("--eval-examples", type=positive_int, default=None, help="default: the run's")
     evaluate.add_argument("--device", default=None)
+    _add_kernel_flags(evaluate)
     evaluate.add_argument("--vary", type=_variation, default=None, metavar="NAME=V1,V2,...",
                           help="recall: evaluate the trained model rebuilt with each value of a setting that needs "
                                "no new weights, e.g. eidetic_capacity=0,4,8,16 or selection=topk,random,recent")
@@ -569,6 +591,7 @@ def build_parser() -> argparse.ArgumentParser:
                           help="read the prompt in pieces of N tokens (chunked prefill: same output, memory "
                                "bounded by N instead of the prompt's length)")
     generate.add_argument("--device", default=None, help="torch device; none: cpu")
+    _add_kernel_flags(generate)
     generate.set_defaults(func=cmd_generate)
     return parser
 

@@ -1,3 +1,4 @@
+import dataclasses
 import json
 
 import pytest
@@ -180,6 +181,22 @@ def test_checkpoint_round_trip_is_bit_identical(name, tmp_path):
     x = tokens()
     with torch.no_grad():
         assert torch.equal(loaded(x).logits, model(x).logits)
+
+
+def test_checkpoint_loads_with_other_kernels(tmp_path):
+    """The kernels are chosen at load (``None``: as saved): the same weights and logits whichever
+    computes them (here the Triton kernels in the interpreter and PyTorch's ops)."""
+    pytest.importorskip("triton")
+    model = tiny_model("bmojo", attention_kernel="triton", ssd_kernel="triton")
+    model.save_pretrained(tmp_path)
+    assert LanguageModel.from_pretrained(tmp_path).config == model.config
+    loaded = LanguageModel.from_pretrained(tmp_path, ssd_kernel="torch", attention_kernel="torch")
+    assert loaded.config == dataclasses.replace(model.config, attention_kernel="torch", ssd_kernel="torch")
+    x = tokens()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x).logits, model(x).logits, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="ssd_kernel='cuda' is invalid"):
+        LanguageModel.from_pretrained(tmp_path, ssd_kernel="cuda")
 
 
 def test_checkpoint_errors(tmp_path):

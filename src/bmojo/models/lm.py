@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -259,9 +259,12 @@ class LanguageModel(nn.Module):
         save_model(self, str(directory / WEIGHTS_FILE))
 
     @classmethod
-    def from_pretrained(cls, directory: str | Path, device: str | torch.device = "cpu") -> LanguageModel:
+    def from_pretrained(cls, directory: str | Path, device: str | torch.device = "cpu", *,
+                        attention_kernel: str | None = None, ssd_kernel: str | None = None) -> LanguageModel:
         """Rebuild a model saved by :meth:`save_pretrained`: weights bit-identical, in the dtype
-        they were saved in."""
+        they were saved in. ``attention_kernel``, ``ssd_kernel``: the implementations to compute
+        with (same results; ``None``: as saved), e.g. ``"torch"`` on a machine without the Triton
+        kernels the model was trained with."""
         directory = Path(directory)
         for name in (CONFIG_FILE, WEIGHTS_FILE):
             if not (directory / name).is_file():
@@ -270,6 +273,8 @@ class LanguageModel(nn.Module):
             config = ModelConfig.from_json((directory / CONFIG_FILE).read_text())
         except (json.JSONDecodeError, TypeError) as err:
             raise ValueError(f"{directory / CONFIG_FILE} is not a valid bmojo config: {err}") from err
+        kernels = {"attention_kernel": attention_kernel, "ssd_kernel": ssd_kernel}
+        config = replace(config, **{field: kernel for field, kernel in kernels.items() if kernel})
         weights = str(directory / WEIGHTS_FILE)
         try:
             with safe_open(weights, framework="pt") as f:
