@@ -47,4 +47,5 @@ def test_the_interpreter_runs_the_kernels_on_the_cpu_as_the_imported_modules_dec
 
 def test_triton_missing_is_named(monkeypatch):
     monkeypatch.setitem(sys.modules, "triton", None)
-    assert "triton is not installed" in triton_unavailable("cuda")
+    assert triton_unavailable("cuda").startswith("triton is not installed (for the Triton kernels: `pip install")
+

@@ -8,6 +8,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from bmojo.ops.triton_support import require_triton
+
 if TYPE_CHECKING:
     from bmojo.config import ModelConfig
 
@@ -24,9 +26,9 @@ def triton_unavailable(device: str | torch.device) -> str | None:
     """Why Triton kernels cannot run on ``device``, or ``None`` when they can: on CUDA, or on the CPU
     under Triton's interpreter (``TRITON_INTERPRET=1``, as in the tests)."""
     try:
-        import triton
-    except ImportError:
-        return "triton is not installed (`pip install triton`; CUDA builds of torch install it)"
+        triton = require_triton("the Triton kernels")
+    except ImportError as err:
+        return str(err)
     if torch.device(device).type != "cuda" and not _interpreted(triton):
         return f"the Triton kernels run on CUDA, this run's device is {torch.device(device)}"
     return None

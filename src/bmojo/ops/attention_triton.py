@@ -25,13 +25,10 @@ import torch
 from torch import Tensor
 
 from bmojo.ops.attention import _check_inputs
+from bmojo.ops.triton_support import require_triton
 
-try:
-    import triton
-    import triton.language as tl
-except ImportError as err:  # the CPU build of torch comes without triton
-    raise ImportError("bmojo.ops.attention_triton needs triton: `pip install triton` (CUDA builds of torch "
-                      "install it)") from err
+triton = require_triton("bmojo.ops.attention_triton")
+import triton.language as tl  # noqa: E402 (after the check that triton is there)
 
 LOG2E = 1.4426950408889634
 INTERPRETED = triton.knobs.runtime.interpret

@@ -318,7 +318,7 @@ def chunk_scan_for(kernel: str) -> Callable[[Tensor, Tensor, Tensor, Tensor, Ten
         try:
             from bmojo.ops.ssd_triton import chunk_scan_triton
         except ImportError as err:
-            raise ValueError(f"the Triton SSD kernel needs triton: {err}") from None
+            raise ValueError(str(err)) from None
         return chunk_scan_triton
     raise ValueError(f"unknown SSD kernel {kernel!r}: must be one of {SSD_KERNELS}")
 

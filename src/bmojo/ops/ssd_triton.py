@@ -26,12 +26,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-try:
-    import triton
-    import triton.language as tl
-except ImportError as err:  # the CPU build of torch comes without triton
-    raise ImportError("bmojo.ops.ssd_triton needs triton: `pip install triton` (CUDA builds of torch "
-                      "install it)") from err
+from bmojo.ops.triton_support import require_triton
+
+triton = require_triton("bmojo.ops.ssd_triton")
+import triton.language as tl  # noqa: E402 (after the check that triton is there)
 
 INTERPRETED = triton.knobs.runtime.interpret
 RECURRENCE_BLOCK = 256  # state elements per program of the recurrence over chunks
