@@ -183,6 +183,15 @@ def test_checkpoint_round_trip_is_bit_identical(name, tmp_path):
         assert torch.equal(loaded(x).logits, model(x).logits)
 
 
+def test_model_compiles_with_no_graph_break_but_the_token_check():
+    """Under ``torch.compile`` the layers (attention blocks, SSD, eidetic selection) trace whole:
+    the only breaks are the two ``.item()`` of the token range check, before the first layer."""
+    torch.compiler.reset()
+    breaks = torch._dynamo.explain(tiny_model("bmojo"))(tokens()).break_reasons
+    torch.compiler.reset()
+    assert [frame.name for reason in breaks for frame in reason.user_stack[-1:]] == ["_check_tokens"] * 2
+
+
 def test_checkpoint_loads_with_other_kernels(tmp_path):
     """The kernels are chosen at load (``None``: as saved): the same weights and logits whichever
     computes them (here the Triton kernels in the interpreter and PyTorch's ops)."""

@@ -148,8 +148,10 @@ class _BlockAttention(torch.autograd.Function):
     both key sets' scores into one buffer, softmax normalises it, and the backward is the
     standard ``dS = P ∘ (dP - rowsum(dO ∘ O))``, per key set. Every batched matmul writes a
     contiguous result: ``torch.bmm(out=...)`` into a strided view of the union runs one matrix
-    at a time, at about 0.6× the speed (docs/performance.md). Tested equal, outputs and gradients,
-    to :func:`union_attention_reference` (tests/ops/test_attention.py).
+    at a time, at about 0.6× the speed (docs/performance.md). Under ``torch.compile`` the two
+    score writes are slice assignments, which dynamo traces (``out=`` into a slice broke the graph
+    at every layer). Tested equal, outputs and gradients, to :func:`union_attention_reference`,
+    eagerly and compiled (tests/ops/test_attention.py).
     """
 
     @staticmethod
@@ -164,9 +166,14 @@ class _BlockAttention(torch.autograd.Function):
                 b, hkv, nq, R // C, C, keys.shape[3])
 
         scores = q.new_empty(b, hkv, nq, R // C, C, K + M, dtype=torch.float32)
-        torch.add(key_scores(q, k), bias, out=scores[..., :K])
-        if M:
-            torch.add(key_scores(q_mem, mem_k), mem_bias, out=scores[..., K:])
+        if torch.compiler.is_compiling():  # dynamo does not trace out= into a strided slice: assign
+            scores[..., :K] = key_scores(q, k) + bias
+            if M:
+                scores[..., K:] = key_scores(q_mem, mem_k) + mem_bias
+        else:  # eagerly the sum is written in place, without a temporary of the scores
+            torch.add(key_scores(q, k), bias, out=scores[..., :K])
+            if M:
+                torch.add(key_scores(q_mem, mem_k), mem_bias, out=scores[..., K:])
         probs = torch.softmax(scores.view(n, R, K + M), dim=-1)  # [n, R, K+M], float32
         p = probs.to(v.dtype)
         out = torch.bmm(p[..., :K], v.reshape(n, K, dh))
