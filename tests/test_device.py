@@ -30,22 +30,22 @@ def test_triton_kernels_off_cuda_are_a_value_error_naming_the_fields(triton_with
     require_kernels_run_on(config, "cuda")  # where they run: no error before the first step
 
 
-@pytest.mark.parametrize("imported", [False, True])
+@pytest.mark.parametrize("imported", [0, 1, 2])
 def test_the_interpreter_runs_the_kernels_on_the_cpu_as_the_imported_modules_decided(imported, monkeypatch):
-    """Triton's setting counts until the kernel modules are imported; then what they read at
-    their import does (the kernels were defined interpreted or not), whatever the setting now."""
+    """Each kernel module imported counts as it read Triton's setting at its import (its kernels
+    were defined interpreted), one not imported yet as the setting is now: the CPU runs them
+    when all of them are interpreted."""
     triton = pytest.importorskip("triton")
-    for name in KERNEL_MODULES:
+    for position, name in enumerate(KERNEL_MODULES):
         monkeypatch.delitem(sys.modules, name, raising=False)
-        if imported:
+        if position < imported:
             monkeypatch.setitem(sys.modules, name, types.SimpleNamespace(INTERPRETED=True))
-    monkeypatch.setattr(triton.knobs.runtime, "interpret", not imported)
+    monkeypatch.setattr(triton.knobs.runtime, "interpret", True)
     assert triton_unavailable("cpu") is None
-    monkeypatch.setattr(triton.knobs.runtime, "interpret", imported)
-    assert (triton_unavailable("cpu") is None) == imported
+    monkeypatch.setattr(triton.knobs.runtime, "interpret", False)
+    assert (triton_unavailable("cpu") is None) == (imported == len(KERNEL_MODULES))
 
 
 def test_triton_missing_is_named(monkeypatch):
     monkeypatch.setitem(sys.modules, "triton", None)
     assert triton_unavailable("cuda").startswith("triton is not installed (for the Triton kernels: `pip install")
-

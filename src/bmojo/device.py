@@ -4,6 +4,7 @@ whether a model's Triton kernels can run on a device."""
 from __future__ import annotations
 
 import sys
+from types import ModuleType
 from typing import TYPE_CHECKING
 
 import torch
@@ -34,12 +35,12 @@ def triton_unavailable(device: str | torch.device) -> str | None:
     return None
 
 
-def _interpreted(triton) -> bool:
-    """Whether the kernels run in Triton's CPU interpreter: as the kernel modules already imported
-    decided at their import (Triton reads its setting when it defines a kernel), else as the
-    setting is now (the modules read it when they are imported)."""
-    decided = [module.INTERPRETED for module in map(sys.modules.get, KERNEL_MODULES) if module is not None]
-    return all(decided) if decided else triton.knobs.runtime.interpret
+def _interpreted(triton: ModuleType) -> bool:
+    """Whether the kernels run in Triton's CPU interpreter: each kernel module already imported
+    as it decided at its import (Triton reads its setting when it defines a kernel), the others
+    as the setting is now (they read it when they are imported); all of them, or not at all."""
+    return all(triton.knobs.runtime.interpret if module is None else module.INTERPRETED
+               for module in map(sys.modules.get, KERNEL_MODULES))
 
 
 def require_kernels_run_on(config: ModelConfig, device: str | torch.device) -> None:

@@ -117,6 +117,43 @@ def test_operators_pass_opcheck(fading_span, capacity, layout):
                           (layout(torch.randn_like(out)), *tensors, out, lse, *settings, needs))
 
 
+def test_strided_inputs_give_the_contiguous_result():
+    """The operators make their inputs contiguous: q, k, v, kf, vf and the memory laid out
+    otherwise (so saved for the backward too) give the same output and gradients, bit for bit."""
+    inputs = on_device(make_inputs(40, 2, 3, 4, 16, seed=7))
+
+    def operator(q, k, v, kf, vf, mem_k, mem_v, mem_pos, q_mem):
+        return attention_triton._attention_forward(q, k, v, kf, vf, q_mem, mem_k, mem_v, mem_pos, 4, 3, 16, 0.125)[0]
+
+    results = []
+    for layout in (torch.Tensor.contiguous, strided):
+        laid_out = {name: None if t is None else layout(t) for name, t in inputs.items()}
+        results.append(run_with_grads(operator, laid_out))
+    (out, grads), (out_strided, grads_strided) = results
+    torch.testing.assert_close(out_strided, out, atol=0, rtol=0)
+    for name in grads:
+        torch.testing.assert_close(grads_strided[name], grads[name], atol=0, rtol=0, msg=name)
+
+
+def test_no_gradient_for_the_output_is_no_gradient_for_the_inputs():
+    """Autograd may hand the backward ``None`` for the output (a later Function returning no
+    gradient); the inputs then get none from the attention."""
+    inputs = on_device(make_inputs(20, 2, 0, None, 16, seed=3))
+    q, k, v = (inputs[name].clone().requires_grad_() for name in ("q", "k", "v"))
+
+    class DropsGradient(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            return x.clone()
+
+        @staticmethod
+        def backward(ctx, grad):
+            return None
+
+    out = DropsGradient.apply(union_attention_triton(q, k, v, window=4, chunk_size=16))
+    assert torch.autograd.grad(out.sum() + q.sum(), [q, k, v], allow_unused=True)[1:] == (None, None)
+
+
 def test_compiled_graph_holds_the_kernels_whole():
     """Under torch.compile (fullgraph: no break) the operator is one node of the graph: the same
     output and gradients as eagerly (to rounding in the PyTorch ops around it)."""

@@ -52,8 +52,8 @@ def test_kernels_match_the_sequential_scan(l, g, chunk_size, p, n, with_init, wi
 
 @pytest.mark.parametrize("used", ["y", "final_state"])
 def test_gradients_when_one_output_alone_is_used(used):
-    """The backward gets no gradient (None) for the unused output: the same gradients as the
-    PyTorch scan's, which gets zeros."""
+    """The backward gets no gradient (None, not materialised zeros) for the unused output, and
+    gives the same gradients as the PyTorch scan's, which gets zeros."""
     inputs = on_device(make_inputs(40, 2, with_init=True, with_d=True, seed=8))
     grads = {}
     for kernel in ("torch", "triton"):

@@ -310,6 +310,11 @@ def _backward_memory(QM, MK, MV, MPOS, DO, LSE, DELTA, DMK, DMV,
 GRAD_INPUTS = 8  # q, k, v, kf, vf, q_mem, mem_k, mem_v: the inputs with a gradient, in this order
 
 
+def _contiguous(*tensors: Tensor | None) -> list[Tensor | None]:
+    """``tensors`` laid out as the kernels index them (``None`` kept: an absent key set)."""
+    return [None if t is None else t.contiguous() for t in tensors]
+
+
 @torch.library.custom_op("bmojo::union_attention_forward", mutates_args=())
 def _attention_forward(q: Tensor, k: Tensor, v: Tensor, kf: Tensor | None, vf: Tensor | None, q_mem: Tensor | None,
                        mem_k: Tensor | None, mem_v: Tensor | None, mem_pos: Tensor | None, window: int,
@@ -406,7 +411,9 @@ def _save_for_backward(ctx, inputs: tuple, output: tuple[Tensor, Tensor]) -> Non
     ctx.set_materialize_grads(False)  # no zero gradient allocated for the log-sum-exp
 
 
-def _gradients(ctx, d_out: Tensor, _d_lse: None) -> tuple[Tensor | None, ...]:
+def _gradients(ctx, d_out: Tensor | None, _d_lse: Tensor | None) -> tuple[Tensor | None, ...]:
+    if d_out is None:  # no gradient came back for the output (e.g. a later Function returned None)
+        return (None,) * (GRAD_INPUTS + 5)
     needs = list(ctx.needs_input_grad[:GRAD_INPUTS])
     grads = _attention_backward(d_out, *ctx.saved_tensors, *ctx.args, needs)
     wanted = _wanted(list(ctx.saved_tensors[:GRAD_INPUTS]), needs)
@@ -414,10 +421,6 @@ def _gradients(ctx, d_out: Tensor, _d_lse: None) -> tuple[Tensor | None, ...]:
 
 
 _attention_forward.register_autograd(_gradients, setup_context=_save_for_backward)
-
-
-def _contiguous(*tensors: Tensor | None) -> list[Tensor | None]:
-    return [None if t is None else t.contiguous() for t in tensors]
 
 
 def _or(placeholder: Tensor, *tensors: Tensor | None) -> list[Tensor]:

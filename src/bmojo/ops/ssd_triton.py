@@ -229,7 +229,8 @@ def _scan_forward_shapes(x_dt, a, Bc, Cc, initial_state):
 def _scan_backward(dy: Tensor, d_final: Tensor, x_dt: Tensor, a: Tensor, Bc: Tensor, Cc: Tensor, entering: Tensor,
                    chunk_decay: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """The gradients of ``x_dt, a, Bc, Cc, initial_state``, contiguous."""
-    dy, d_final, x_dt, a, Bc, Cc = (t.contiguous() for t in (dy, d_final, x_dt, a, Bc, Cc))
+    dy, d_final, x_dt, a, Bc, Cc, entering, chunk_decay = (
+        t.contiguous() for t in (dy, d_final, x_dt, a, Bc, Cc, entering, chunk_decay))
     b, h, c, Q, p = x_dt.shape
     g, n = Bc.shape[1], Bc.shape[-1]
     grid, shape = (b * h, c), (h, g, c, p, n)
