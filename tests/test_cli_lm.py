@@ -2,6 +2,7 @@
 -> eval --task lm -> generate (tiny models, a corpus made of this repository's docs)."""
 
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +12,7 @@ import torch
 from bmojo import LanguageModel
 from bmojo.cli import main
 from bmojo.data.shards import TokenShards
+from bmojo.device import KERNEL_MODULES
 from bmojo.training.lm import LMRun
 
 REPO = Path(__file__).resolve().parents[1]
@@ -130,6 +132,26 @@ def test_a_checkpoint_of_triton_kernels_runs_off_cuda_with_the_pytorch_ones(data
     assert main(argv) == 2
     assert capsys.readouterr().err.strip() == (
         f"error: {out}: attention_kernel='triton' and ssd_kernel='triton': the Triton kernels run on CUDA, this "
-        f"run's device is cpu (--attention-kernel torch --ssd-kernel torch compute the same with PyTorch's ops)")
+        f"run's device is cpu (with --attention-kernel torch --ssd-kernel torch, PyTorch's ops compute the same)")
     assert main([*argv, "--attention-kernel", "torch", "--ssd-kernel", "torch"]) == 0
     assert capsys.readouterr().out == with_pytorch
+
+
+def test_without_triton_the_error_names_the_flag_of_the_triton_kernel(data_dir, tmp_path, capsys, monkeypatch):
+    """Checked before the model is built (which would import the kernels): the one flag that
+    matters is named."""
+    out = tmp_path / "mamba2"
+    assert main(["train", "--task", "lm", "--data", str(data_dir), "--arch", "mamba2", "--out", str(out),
+                 "--max-steps", "1", *TINY]) == 0
+    capsys.readouterr()
+    config = json.loads((out / "config.json").read_text())
+    (out / "config.json").write_text(json.dumps({**config, "ssd_kernel": "triton"}))
+    monkeypatch.setitem(sys.modules, "triton", None)  # an import of it raises ImportError
+    for name in KERNEL_MODULES:
+        monkeypatch.delitem(sys.modules, name, raising=False)
+    assert main(["generate", "--ckpt", str(out), "--prompt", "x", "--max-new-tokens", "2"]) == 2
+    error = capsys.readouterr().err.strip()
+    assert error.startswith(f"error: {out}: ssd_kernel='triton': triton is not installed")
+    assert error.endswith("(with --ssd-kernel torch, PyTorch's ops compute the same)")
+    assert main(["generate", "--ckpt", str(out), "--prompt", "x", "--max-new-tokens", "2",
+                 "--ssd-kernel", "torch"]) == 0

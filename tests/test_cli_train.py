@@ -125,6 +125,21 @@ def test_eval_varies_a_setting_of_the_trained_model(tmp_path, capsys):
     assert "--vary lr is for bmojo demo" in capsys.readouterr().err
 
 
+def test_eval_of_a_triton_checkpoint_off_cuda_takes_the_pytorch_kernels(tmp_path, capsys, request):
+    """A recall checkpoint whose config chose the Triton attention: off CUDA an error naming the
+    flag; ``--attention-kernel torch`` or ``--set attention_kernel=torch`` evaluate it."""
+    assert main(["train", "--task", "mqar", "--arch", "swa", "--out", str(tmp_path), "--max-steps", "1", *TINY]) == 0
+    config = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**config, "attention_kernel": "triton"}))
+    request.getfixturevalue("triton_without_interpreter")
+    capsys.readouterr()
+    assert main(["eval", "--ckpt", str(tmp_path)]) == 2
+    assert capsys.readouterr().err.strip().endswith("(with --attention-kernel torch, PyTorch's ops compute the same)")
+    for choice in (["--attention-kernel", "torch"], ["--set", "attention_kernel=torch"]):
+        assert main(["eval", "--ckpt", str(tmp_path), *choice, "--json"]) == 0
+        assert 0 <= json.loads(capsys.readouterr().out.strip().splitlines()[-1])["accuracy"] <= 1
+
+
 def test_eval_changes_a_field_of_the_task(tmp_path, capsys):
     """``bmojo eval --gap-min 32`` tests the model on queries at least 32 positions back; the
     other task fields stay the run's."""

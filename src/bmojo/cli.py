@@ -8,7 +8,7 @@ import json
 import sys
 import typing
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -23,6 +23,9 @@ from bmojo.ops.attention import ATTENTION_KERNELS
 from bmojo.ops.ssd import SSD_KERNELS
 from bmojo.training.distributed import Distributed, launched_by_torchrun, run_distributed
 from bmojo.training.trainer import TrainConfig, TrainingDiverged
+
+if TYPE_CHECKING:
+    from bmojo.models.lm import LanguageModel
 
 # Fields the run sets itself: the vocabulary comes from the task, the context from the test lengths.
 MODEL_FIELDS_SET_BY_RUN = {"arch", "vocab_size", "max_seq_len"}
@@ -218,23 +221,28 @@ def _train_runs(args: argparse.Namespace, distributed: Distributed, device: str 
     return 0
 
 
-def _load_checkpoint(ckpt: str, args: argparse.Namespace, device: str = "cpu"):
-    """``ckpt``'s model on ``device``, computing with the kernels ``--attention-kernel`` and
-    ``--ssd-kernel`` choose (default: the checkpoint's); a ``ValueError`` naming those flags when
-    a kernel it would use cannot run on ``device`` (Triton kernels off CUDA)."""
+def _load_checkpoint(ckpt: str, args: argparse.Namespace, device: str = "cpu") -> LanguageModel:
+    """``ckpt``'s model on ``device``, computing with the kernels that ``--attention-kernel``,
+    ``--ssd-kernel`` and ``bmojo eval --set`` choose (default: the checkpoint's). Checked before the
+    model is built: a ``ValueError`` naming the flags that choose PyTorch's ops when a Triton
+    kernel cannot run on ``device`` (off CUDA, or triton missing)."""
     from bmojo.models.lm import LanguageModel
 
-    model = LanguageModel.from_pretrained(ckpt, device=device, **{field: getattr(args, field)
-                                                                 for field in KERNEL_FIELDS})
+    kernels = {field: getattr(args, field) for field in KERNEL_FIELDS if getattr(args, field) is not None}
+    kernels.update({setting.name: setting.values[0] for setting in getattr(args, "set", [])
+                    if setting.name in KERNEL_FIELDS})
+    config = LanguageModel.saved_config(ckpt, **kernels)
     try:
-        require_kernels_run_on(model.config, device)
+        require_kernels_run_on(config, device)
     except ValueError as err:
-        raise ValueError(f"{ckpt}: {err} (--attention-kernel torch --ssd-kernel torch compute the same with "
-                         f"PyTorch's ops)") from None
-    return model
+        flags = " ".join(f"--{field.replace('_', '-')} torch" for field in KERNEL_FIELDS
+                         if getattr(config, field) == "triton")
+        raise ValueError(f"{ckpt}: {err} (with {flags}, PyTorch's ops compute the same)") from None
+    return LanguageModel.from_pretrained(ckpt, device=device, **kernels)
 
 
 def _add_kernel_flags(parser: argparse.ArgumentParser) -> None:
+    """``--attention-kernel`` and ``--ssd-kernel`` for a command that loads a checkpoint."""
     for field, kernels in zip(KERNEL_FIELDS, (ATTENTION_KERNELS, SSD_KERNELS), strict=True):
         parser.add_argument(f"--{field.replace('_', '-')}", choices=kernels, default=None,
                             help=f"the model's {field} to compute with (same results; default: the checkpoint's)")
@@ -486,7 +494,7 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("--length", type=positive_int, default=None, help="default: the run's first test length")
     inspect.add_argument("--seed", type=int, default=0, help="which test example")
     inspect.add_argument("--png", default=None, help="heat map path (default: CKPT/memory.png)")
-    _add_kernel_flags(inspect)
+    _add_kernel_flags(inspect)  # inspect runs on the CPU: a Triton checkpoint needs the torch kernels here
     inspect.set_defaults(func=cmd_inspect)
 
     curves = sub.add_parser("curves", help="learning curves of training runs: a metric against the step",

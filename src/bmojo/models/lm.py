@@ -258,13 +258,11 @@ class LanguageModel(nn.Module):
         (directory / CONFIG_FILE).write_text(self.config.to_json())
         save_model(self, str(directory / WEIGHTS_FILE))
 
-    @classmethod
-    def from_pretrained(cls, directory: str | Path, device: str | torch.device = "cpu", *,
-                        attention_kernel: str | None = None, ssd_kernel: str | None = None) -> LanguageModel:
-        """Rebuild a model saved by :meth:`save_pretrained`: weights bit-identical, in the dtype
-        they were saved in. ``attention_kernel``, ``ssd_kernel``: the implementations to compute
-        with (same results; ``None``: as saved), e.g. ``"torch"`` on a machine without the Triton
-        kernels the model was trained with."""
+    @staticmethod
+    def saved_config(directory: str | Path, *, attention_kernel: str | None = None,
+                     ssd_kernel: str | None = None) -> ModelConfig:
+        """The config of a checkpoint written by :meth:`save_pretrained`, with the kernels of
+        :meth:`from_pretrained` (``None``: as saved), without building the model."""
         directory = Path(directory)
         for name in (CONFIG_FILE, WEIGHTS_FILE):
             if not (directory / name).is_file():
@@ -274,7 +272,17 @@ class LanguageModel(nn.Module):
         except (json.JSONDecodeError, TypeError) as err:
             raise ValueError(f"{directory / CONFIG_FILE} is not a valid bmojo config: {err}") from err
         kernels = {"attention_kernel": attention_kernel, "ssd_kernel": ssd_kernel}
-        config = replace(config, **{field: kernel for field, kernel in kernels.items() if kernel})
+        return replace(config, **{field: kernel for field, kernel in kernels.items() if kernel is not None})
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path, device: str | torch.device = "cpu", *,
+                        attention_kernel: str | None = None, ssd_kernel: str | None = None) -> LanguageModel:
+        """Rebuild a model saved by :meth:`save_pretrained`: weights bit-identical, in the dtype
+        they were saved in. ``attention_kernel``, ``ssd_kernel``: the implementations to compute
+        with (same results; ``None``: as saved), e.g. ``"torch"`` on a machine without the Triton
+        kernels the model was trained with."""
+        directory = Path(directory)
+        config = cls.saved_config(directory, attention_kernel=attention_kernel, ssd_kernel=ssd_kernel)
         weights = str(directory / WEIGHTS_FILE)
         try:
             with safe_open(weights, framework="pt") as f:
