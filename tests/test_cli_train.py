@@ -138,6 +138,11 @@ def test_eval_of_a_triton_checkpoint_off_cuda_takes_the_pytorch_kernels(tmp_path
     for choice in (["--attention-kernel", "torch"], ["--set", "attention_kernel=torch"]):
         assert main(["eval", "--ckpt", str(tmp_path), *choice, "--json"]) == 0
         assert 0 <= json.loads(capsys.readouterr().out.strip().splitlines()[-1])["accuracy"] <= 1
+    assert main(["eval", "--ckpt", str(tmp_path), "--set", "attention_kernel=torch",
+                 "--vary", "attention_kernel=torch,triton"]) == 2  # checked before the first value runs
+    captured = capsys.readouterr()
+    assert captured.out == "" and captured.err.strip() == (
+        "error: attention_kernel='triton': the Triton kernels run on CUDA, this run's device is cpu")
 
 
 def test_eval_changes_a_field_of_the_task(tmp_path, capsys):

@@ -327,6 +327,8 @@ def _eval_ablation(args: argparse.Namespace, model, run, evaluate_run) -> int:
     vary = args.vary
     if vary.name in TRAINING_VARIATIONS:
         raise ValueError(f"--vary {vary.name} is for bmojo demo: evaluation varies model settings only")
+    for value in vary.values if vary.name in KERNEL_FIELDS else []:  # before any value is evaluated
+        require_kernels_run_on(dataclasses.replace(model.config, **{vary.name: value}), model.embed.weight.device)
     rows = []
     for value in vary.values:
         report = evaluate_run(with_settings(model, **{vary.name: value}), run)
