@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 
 from bmojo.ops.attention import _check_inputs
-from bmojo.ops.triton_support import require_triton
+from bmojo.ops.triton_support import contiguous, dense_like, require_triton
 
 triton = require_triton("bmojo.ops.attention_triton")
 import triton.language as tl  # noqa: E402 (after the check that triton is there)
@@ -310,18 +310,13 @@ def _backward_memory(QM, MK, MV, MPOS, DO, LSE, DELTA, DMK, DMV,
 GRAD_INPUTS = 8  # q, k, v, kf, vf, q_mem, mem_k, mem_v: the inputs with a gradient, in this order
 
 
-def _contiguous(*tensors: Tensor | None) -> list[Tensor | None]:
-    """``tensors`` laid out as the kernels index them (``None`` kept: an absent key set)."""
-    return [None if t is None else t.contiguous() for t in tensors]
-
-
 @torch.library.custom_op("bmojo::union_attention_forward", mutates_args=())
 def _attention_forward(q: Tensor, k: Tensor, v: Tensor, kf: Tensor | None, vf: Tensor | None, q_mem: Tensor | None,
                        mem_k: Tensor | None, mem_v: Tensor | None, mem_pos: Tensor | None, window: int,
                        fading_span: int, chunk_size: int, scale: float) -> tuple[Tensor, Tensor]:
     """``(out [b, l, h, dh], lse [b, h, l])``: the attention and each row's base-2 log-sum-exp,
     contiguous whatever the inputs' layout."""
-    q, k, v, kf, vf, q_mem, mem_k, mem_v, mem_pos = _contiguous(q, k, v, kf, vf, q_mem, mem_k, mem_v, mem_pos)
+    q, k, v, kf, vf, q_mem, mem_k, mem_v, mem_pos = contiguous(q, k, v, kf, vf, q_mem, mem_k, mem_v, mem_pos)
     b, l, h, dh = q.shape
     has_fading, has_memory = kf is not None, mem_k is not None
     n_chunks, slots = (mem_k.shape[1], mem_k.shape[2]) if has_memory else (1, 0)
@@ -355,7 +350,7 @@ def _attention_backward(d_out: Tensor, q: Tensor, k: Tensor, v: Tensor, kf: Tens
                         needs: list[bool]) -> list[Tensor]:
     """The gradients of the :data:`GRAD_INPUTS` in their order, an empty tensor for each one
     absent or not in ``needs``: a kernel runs only for the inputs whose gradient is wanted. Contiguous."""
-    d_out, q, k, v, kf, vf, q_mem, mem_k, mem_v, mem_pos, out, lse = _contiguous(
+    d_out, q, k, v, kf, vf, q_mem, mem_k, mem_v, mem_pos, out, lse = contiguous(
         d_out, q, k, v, kf, vf, q_mem, mem_k, mem_v, mem_pos, out, lse)
     b, l, h, dh = q.shape
     hkv = k.shape[2]
@@ -399,7 +394,7 @@ def _attention_backward(d_out: Tensor, q: Tensor, k: Tensor, v: Tensor, kf: Tens
 def _attention_backward_shapes(d_out, q, k, v, kf, vf, q_mem, mem_k, mem_v, mem_pos, out, lse, window, fading_span,
                                chunk_size, scale, needs):
     inputs = [q, k, v, kf, vf, q_mem, mem_k, mem_v]
-    return [t.new_empty(t.shape) if wanted else q.new_empty(0)
+    return [dense_like(t) if wanted else q.new_empty(0)
             for t, wanted in zip(inputs, _wanted(inputs, needs), strict=True)]
 
 

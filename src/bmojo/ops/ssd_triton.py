@@ -26,7 +26,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from bmojo.ops.triton_support import require_triton
+from bmojo.ops.triton_support import contiguous, dense_like, require_triton
 
 triton = require_triton("bmojo.ops.ssd_triton")
 import triton.language as tl  # noqa: E402 (after the check that triton is there)
@@ -205,7 +205,7 @@ def _scan_forward(x_dt: Tensor, a: Tensor, Bc: Tensor, Cc: Tensor, initial_state
     """``(y, final_state, entering [b, h, c, p, n], chunk_decay [b, h, c])``: the scan, and what
     its backward reads (the state entering each chunk, the decay across each chunk). Every output
     contiguous, whatever the inputs' layout."""
-    x_dt, a, Bc, Cc, initial_state = (t.contiguous() for t in (x_dt, a, Bc, Cc, initial_state))
+    x_dt, a, Bc, Cc, initial_state = contiguous(x_dt, a, Bc, Cc, initial_state)
     b, h, c, Q, p = x_dt.shape
     g, n = Bc.shape[1], Bc.shape[-1]
     grid, shape = (b * h, c), (h, g, c, p, n)
@@ -222,15 +222,15 @@ def _scan_forward(x_dt: Tensor, a: Tensor, Bc: Tensor, Cc: Tensor, initial_state
 @_scan_forward.register_fake
 def _scan_forward_shapes(x_dt, a, Bc, Cc, initial_state):
     b, h, c, _, p = x_dt.shape
-    return _dense(x_dt), _dense(initial_state), x_dt.new_empty(b, h, c, p, Bc.shape[-1]), a.new_empty(b, h, c)
+    return dense_like(x_dt), dense_like(initial_state), x_dt.new_empty(b, h, c, p, Bc.shape[-1]), a.new_empty(b, h, c)
 
 
 @torch.library.custom_op("bmojo::chunk_scan_backward", mutates_args=())
 def _scan_backward(dy: Tensor, d_final: Tensor, x_dt: Tensor, a: Tensor, Bc: Tensor, Cc: Tensor, entering: Tensor,
                    chunk_decay: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """The gradients of ``x_dt, a, Bc, Cc, initial_state``, contiguous."""
-    dy, d_final, x_dt, a, Bc, Cc, entering, chunk_decay = (
-        t.contiguous() for t in (dy, d_final, x_dt, a, Bc, Cc, entering, chunk_decay))
+    dy, d_final, x_dt, a, Bc, Cc, entering, chunk_decay = contiguous(
+        dy, d_final, x_dt, a, Bc, Cc, entering, chunk_decay)
     b, h, c, Q, p = x_dt.shape
     g, n = Bc.shape[1], Bc.shape[-1]
     grid, shape = (b * h, c), (h, g, c, p, n)
@@ -251,12 +251,8 @@ def _scan_backward(dy: Tensor, d_final: Tensor, x_dt: Tensor, a: Tensor, Bc: Ten
 
 @_scan_backward.register_fake
 def _scan_backward_shapes(dy, d_final, x_dt, a, Bc, Cc, entering, chunk_decay):
-    return _dense(x_dt), _dense(a), _dense(Bc), _dense(Cc), _dense(d_final)
+    return dense_like(x_dt), dense_like(a), dense_like(Bc), dense_like(Cc), dense_like(d_final)
 
-
-def _dense(t: Tensor) -> Tensor:
-    """An uninitialised contiguous tensor of ``t``'s shape, dtype and device: an output's fake."""
-    return t.new_empty(t.shape)
 
 
 def _save_for_backward(ctx, inputs: tuple[Tensor, ...], output: tuple[Tensor, ...]) -> None:
