@@ -331,7 +331,7 @@ def test_compiled_model_with_every_triton_kernel_matches_eager():
     (logits_ref, grads_ref), (logits, grads) = results
     torch.testing.assert_close(logits, logits_ref, atol=1e-6, rtol=1e-5)
     for (name, _), grad, grad_ref in zip(model.named_parameters(), grads, grads_ref, strict=True):
-        torch.testing.assert_close(grad, grad_ref, atol=1e-6, rtol=1e-5, msg=name)
+        torch.testing.assert_close(grad, grad_ref, atol=1e-6, rtol=1e-5, msg=lambda m, name=name: f"{name}: {m}")
 
 
 def test_config_rejects_an_unknown_kernel():

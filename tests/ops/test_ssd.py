@@ -324,3 +324,20 @@ def test_chunked_traces_as_one_graph_under_torch_compile():
     inputs = make_inputs(100, 2)
     explained = torch._dynamo.explain(ssd_chunked)(**inputs, chunk_size=32)
     assert explained.graph_break_count == 0, [b.reason for b in explained.break_reasons]
+
+
+def test_chunked_compiles_to_the_eager_outputs_and_gradients():
+    """Under ``torch.compile`` (fullgraph, AOT autograd) the chunk scan's Function gives the eager
+    outputs and gradients. PyTorch 2.11 compiled a Function whose forward modified its output in
+    place to wrong gradients (pytorch/pytorch#180642)."""
+    inputs = make_inputs(100, 2)
+    torch.compiler.reset()
+    compiled = torch.compile(ssd_chunked, backend="aot_eager", fullgraph=True)
+    y, state, grads = run_with_grads(compiled, inputs, chunk_size=32)
+    y_ref, state_ref, grads_ref = run_with_grads(ssd_chunked, inputs, chunk_size=32)
+    torch.testing.assert_close(y, y_ref, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(state, state_ref, atol=1e-6, rtol=1e-5)
+    assert grads.keys() == grads_ref.keys()
+    for name in grads_ref:
+        torch.testing.assert_close(grads[name], grads_ref[name], atol=1e-5, rtol=1e-5,
+                                   msg=lambda m, name=name: f"grad of {name}: {m}")

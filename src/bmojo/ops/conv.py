@@ -30,15 +30,20 @@ class _CausalDepthwiseConv1d(torch.autograd.Function):
     ``taps`` is tap-major (``[K, C]``, contiguous) so each tap broadcast over the channels is a
     contiguous row: a column of the reference's ``[C, K]`` layout (stride ``K``) made every
     multiply-add 6-9x slower (docs/performance.md, "The convolution's taps, and the
-    targets again")."""
+    targets again").
+
+    The forward's last multiply-add writes a new tensor rather than the sum in place: PyTorch
+    2.11 compiles a Function whose forward modifies its output in place to wrong gradients
+    (pytorch/pytorch#180642; tests/ops/test_conv.py)."""
 
     @staticmethod
     def forward(ctx, x: Tensor, taps: Tensor) -> Tensor:  # x [B, L, C], taps [K, C]
         L, K = x.shape[1], taps.shape[0]
         padded = F.pad(x, (0, 0, K - 1, 0))  # [B, L+K-1, C]
-        y = padded[:, K - 1:] * taps[K - 1]
-        for k in range(K - 1):
-            y.addcmul_(padded[:, k: k + L], taps[k])
+        partial = padded[:, K - 1:] * taps[K - 1]  # [B, L, C]
+        for k in range(K - 2):
+            partial.addcmul_(padded[:, k: k + L], taps[k])
+        y = partial if K == 1 else torch.addcmul(partial, padded[:, K - 2: K - 2 + L], taps[K - 2])
         ctx.save_for_backward(padded, taps)
         return y
 

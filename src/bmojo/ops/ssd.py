@@ -230,8 +230,11 @@ def _chunk_scan_forward(x_dt: Tensor, a: Tensor, Bc: Tensor, Cc: Tensor, initial
         states.append(torch.addcmul(added_c, decay_c, states[-1]))
     entering, state = torch.stack(states[:-1], 2), states[-1]  # [b, h, c, p, n], [b, h, p, n]
 
-    # 4. Contribution of the entering state to each position of the chunk.
-    y += _heads(_per_head(Cc) @ _grouped(entering, g).mT) * decay(a_cumsum)[..., None]
+    # 4. Contribution of the entering state to each position of the chunk, added into a new
+    # tensor: PyTorch 2.11 compiles a Function whose forward modifies its output in place to
+    # wrong gradients (pytorch/pytorch#180642; tests/ops/test_ssd.py).
+    from_entering = _heads(_per_head(Cc) @ _grouped(entering, g).mT)  # [b, h, c, Q, p]
+    y = torch.addcmul(y, from_entering, decay(a_cumsum)[..., None])
     return y, entering, state, L
 
 
