@@ -56,6 +56,31 @@ def count_calls(monkeypatch):
 
 
 @pytest.fixture
+def assert_compiles_to_eager():
+    """``assert_compiles_to_eager(model, tokens)``: the model under ``torch.compile`` (AOT
+    autograd, no C++ compiler needed) gives the eager logits and every parameter's gradient of
+    ``logsumexp(logits).mean() + aux_loss``. Hand-written backwards are in that graph; PyTorch
+    2.11 compiled a Function whose forward modified its output in place to wrong gradients
+    (pytorch/pytorch#180642)."""
+
+    def check(model, tokens) -> None:
+        results = []
+        torch.compiler.reset()
+        for run in (model, torch.compile(model, backend="aot_eager")):
+            out = run(tokens)
+            loss = out.logits.float().logsumexp(-1).mean() + out.aux_loss
+            results.append((out.logits, torch.autograd.grad(loss, list(model.parameters()), allow_unused=True,
+                                                            materialize_grads=True)))
+        torch.compiler.reset()
+        (logits_ref, grads_ref), (logits, grads) = results
+        torch.testing.assert_close(logits, logits_ref, atol=1e-6, rtol=1e-5)
+        for (name, _), grad, grad_ref in zip(model.named_parameters(), grads, grads_ref, strict=True):
+            torch.testing.assert_close(grad, grad_ref, atol=1e-6, rtol=1e-5, msg=lambda m, name=name: f"{name}: {m}")
+
+    return check
+
+
+@pytest.fixture
 def triton_without_interpreter(monkeypatch):
     """Triton as a run outside the tests sees it: no CPU interpreter, its setting and the kernel
     modules (which read it at their import) both say so. The modules are imported first, with the
