@@ -35,6 +35,27 @@ def _seed_and_threads():
 
 
 @pytest.fixture
+def saved_for_backward():
+    """``saved_for_backward(fn, *inputs)`` runs ``fn(*inputs)`` and returns what autograd keeps
+    for its backward: one tensor per distinct storage, the inputs' own storages left out."""
+
+    def saved(fn, *inputs) -> list[torch.Tensor]:
+        own = {t.untyped_storage().data_ptr() for t in inputs if isinstance(t, torch.Tensor)}
+        kept: dict[int, torch.Tensor] = {}
+
+        def pack(t):
+            if t.untyped_storage().data_ptr() not in own:
+                kept.setdefault(t.untyped_storage().data_ptr(), t)
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            fn(*inputs)
+        return list(kept.values())
+
+    return saved
+
+
+@pytest.fixture
 def count_calls(monkeypatch):
     """``count_calls(module, name)`` wraps ``module.name`` for this test and returns the dict of
     call counts by name that every wrapped function adds to (the Triton ops, called through

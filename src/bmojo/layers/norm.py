@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
+
+from bmojo.ops.norm import gated_rms_norm, rms_norm
 
 
 class RMSNorm(nn.Module):
-    """``x / rms(x) * weight`` over the last dim, computed in float32."""
+    """``x / rms(x) * weight`` over the last dim, computed in float32 (:func:`bmojo.ops.norm.rms_norm`)."""
 
     def __init__(self, dim: int, eps: float = 1e-5):
         super().__init__()
@@ -16,14 +17,12 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: Tensor) -> Tensor:
-        xf = x.float()
-        out = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (out * self.weight.float()).to(x.dtype)
+        return rms_norm(x, self.weight, self.eps)
 
 
 class GatedRMSNorm(nn.Module):
     """Mamba-2's ``RMSNormGated(norm_before_gate=False)``: normalise ``y · silu(z)`` per group
-    of ``dim / n_groups`` channels, then scale by ``weight [dim]``."""
+    of ``dim / n_groups`` channels, then scale by ``weight [dim]`` (:func:`bmojo.ops.norm.gated_rms_norm`)."""
 
     def __init__(self, dim: int, n_groups: int = 1, eps: float = 1e-5):
         super().__init__()
@@ -34,7 +33,4 @@ class GatedRMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, y: Tensor, z: Tensor) -> Tensor:
-        gated = y.float() * F.silu(z.float())  # [..., dim]
-        grouped = gated.unflatten(-1, (self.n_groups, -1))  # [..., g, dim/g]
-        normed = grouped * torch.rsqrt(grouped.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (normed.flatten(-2) * self.weight.float()).to(y.dtype)
+        return gated_rms_norm(y, z, self.weight, self.n_groups, self.eps)
