@@ -355,6 +355,21 @@ def test_bf16_gradients_match_the_fp32_reference():
         torch.testing.assert_close(grad.float(), grads32[name], atol=5e-2, rtol=5e-2, msg=name)
 
 
+def test_blocked_path_keeps_neither_gathered_keys_nor_float32_probabilities(saved_for_backward):
+    """Under bf16 the backward keeps the probabilities in bf16 (the largest saved tensor) and
+    regathers each block's keys and values (each position several times over) instead of keeping them."""
+    l, C, W, Fs, M = 64, 8, 8, 8, 4
+    inputs = make_inputs(l, 2, Fs, M, C, seed=14)
+    leaves = {n: t if t is None or n == "mem_pos" else t.to(torch.bfloat16).requires_grad_() for n, t in inputs.items()}
+    saved = saved_for_backward(lambda: union_attention_chunked(**leaves, window=W, fading_span=Fs, chunk_size=C))
+    nq = l // C
+    keys_per_block = 4 * C  # W = F = C: raw keys from blocks n-1 and n, fading keys from n-2 and n-1
+    probabilities = [t for t in saved if t.shape[-1] == keys_per_block + M]
+    assert len(probabilities) == 1 and probabilities[0].dtype == torch.bfloat16
+    assert not [t for t in saved if t.dim() == 5 and t.shape[2:4] == (nq, keys_per_block)]
+    assert all(t.dtype == torch.bfloat16 for t in saved)
+
+
 @pytest.mark.parametrize("fn", [union_attention_chunked, union_attention_reference])
 def test_invalid_arguments(fn):
     inputs = make_inputs(10, 2, 2, 4, 4, seed=0)

@@ -341,3 +341,14 @@ def test_chunked_compiles_to_the_eager_outputs_and_gradients():
     for name in grads_ref:
         torch.testing.assert_close(grads[name], grads_ref[name], atol=1e-5, rtol=1e-5,
                                    msg=lambda m, name=name: f"grad of {name}: {m}")
+
+
+def test_chunked_keeps_no_float32_copy_of_bf16_x(saved_for_backward):
+    """The D skip computes in float32 from bf16 ``x`` without keeping a float32 copy of it
+    for the backward (``x`` itself is kept)."""
+    inputs = make_inputs(64, 2, seed=24, dtype=torch.bfloat16)
+    leaves = {k: None if v is None else v.requires_grad_() for k, v in inputs.items()}
+    saved = saved_for_backward(lambda: ssd_chunked(**leaves, chunk_size=16))
+    x = leaves["x"]
+    assert not [t for t in saved if t.shape == x.shape and t.dtype == torch.float32]
+    assert [t for t in saved if t.untyped_storage().data_ptr() == x.untyped_storage().data_ptr()]

@@ -117,36 +117,59 @@ def union_attention_reference(
     return out.transpose(1, 2).to(v.dtype)
 
 
-def _shifted_blocks(t: Tensor, nq: int, C: int, lo: int, hi: int) -> tuple[list[Tensor], Tensor]:
+def _shifted_blocks(t: Tensor, nq: int, C: int, lo: int, hi: int) -> tuple[Tensor, tuple[int, ...], Tensor]:
     """For every block start ``s = n*C``, the keys at positions ``s+lo .. s+hi`` (and a few
     more), taken as whole blocks ``n + d`` for ``d = lo//C .. hi//C`` (zeros outside the sequence).
 
-    ``t [b, l, hkv, dh]`` -> ``(blocks, offsets [K])``: one view ``[b, hkv, nq, C, dh]`` per
-    ``d`` (head-major; concatenated along dim 3 they are the ``K`` keys of each block), and
-    the keys' positions relative to the block start. Views of one padded copy, so the
-    backward pass is a sum of slices (much cheaper than ``unfold``'s).
+    ``t [b, l, hkv, dh]`` -> ``(blocks, starts, offsets [K])``: ``t`` padded and cut into blocks
+    ``[b, hkv, nb, C, dh]`` (head-major), the first block of each ``d`` (query block ``n`` reads
+    block ``start + n``: :func:`_block_keys`), and the keys' positions relative to the block start.
     """
     first, last = lo // C, hi // C
     front, back = max(-first, 0), max(last, 0)
     b, l, hkv, dh = t.shape
     padded = F.pad(t.transpose(1, 2), (0, 0, front * C, (nq + back) * C - l))  # [b, hkv, l', dh]
     blocks = padded.reshape(b, hkv, front + nq + back, C, dh)
-    views = [blocks[:, :, front + d: front + d + nq] for d in range(first, last + 1)]
-    return views, torch.arange(first * C, (last + 1) * C, device=t.device)
+    starts = tuple(front + d for d in range(first, last + 1))
+    return blocks, starts, torch.arange(first * C, (last + 1) * C, device=t.device)
+
+
+def _block_keys(key_sets: list[tuple[Tensor, tuple[int, ...]]], nq: int) -> Tensor:
+    """The keys of every query block, contiguous: ``[(blocks [b, hkv, nb, C, dh], starts)]``
+    (:func:`_shifted_blocks`) -> ``[b, hkv, nq, K, dh]``, the blocks ``start + n`` side by side."""
+    return torch.cat([blocks[:, :, start: start + nq] for blocks, starts in key_sets for start in starts], dim=3)
+
+
+def _block_keys_backward(d_keys: Tensor, key_sets: list[tuple[Tensor, tuple[int, ...]]]) -> list[Tensor]:
+    """The gradient of :func:`_block_keys` for each set's blocks, from ``d_keys [b, hkv, nq, K, dh]``."""
+    nq, grads, column = d_keys.shape[2], [], 0
+    for blocks, starts in key_sets:
+        C = blocks.shape[3]
+        grad = d_keys.new_zeros(blocks.shape)
+        for start in starts:
+            grad[:, :, start: start + nq] += d_keys[:, :, :, column: column + C]
+            column += C
+        grads.append(grad)
+    return grads
 
 
 class _BlockAttention(torch.autograd.Function):
     """Softmax attention of query blocks over their own key blocks, backward written out.
 
-    ``q [b, hkv, nq, R, dh]`` (already scaled) against ``k, v [b, hkv, nq, K, dh]`` with the
-    additive mask ``bias`` (0 or -inf, broadcastable to ``[b, hkv, nq, R/C, C, K]``) and,
+    ``q [b, hkv, nq, R, dh]`` (already scaled) against the ``K`` keys and values of each query
+    block, gathered from the raw ``k, v`` and the fading ``kf, vf`` blocks (``[b, hkv, nb, C, dh]``,
+    the blocks ``start + n`` of each start in ``raw_starts``, ``fading_starts``: :func:`_block_keys`),
+    with the additive mask ``bias`` (0 or -inf, broadcastable to ``[b, hkv, nq, R/C, C, K]``) and,
     optionally, ``q_mem`` against the memory keys ``mem_k, mem_v [b, hkv, nq, M, dh]`` with
     ``mem_bias``: one softmax over the ``K + M`` scores (float32). Returns ``[b, hkv, nq, R, dh]``.
 
     Autograd through the same ops writes and reads the ``[R, K + M]`` scores about ten times
     (concatenation, scaling, masking, softmax, each with its backward); here the masking writes
     both key sets' scores into one buffer, softmax normalises it, and the backward is the
-    standard ``dS = P ∘ (dP - rowsum(dO ∘ O))``, per key set. Every batched matmul writes a
+    standard ``dS = P ∘ (dP - rowsum(dO ∘ O))``, per key set, with ``P`` kept as the products
+    used it, in the values' dtype (bf16 under autocast: half the bytes of the largest saved
+    tensor). The gathered keys and values (each position ``K / C`` times) are not kept: the
+    backward gathers them again from the blocks, a copy. Every batched matmul writes a
     contiguous result: ``torch.bmm(out=...)`` into a strided view of the union runs one matrix
     at a time, at about 0.6× the speed (docs/performance.md). Under ``torch.compile`` the two
     score writes are slice assignments, which dynamo traces (``out=`` into a slice broke the graph
@@ -155,10 +178,13 @@ class _BlockAttention(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, q, k, v, bias, q_mem, mem_k, mem_v, mem_bias):
+    def forward(ctx, q, k, v, raw_starts, kf, vf, fading_starts, bias, q_mem, mem_k, mem_v, mem_bias):
         b, hkv, nq, R, dh = q.shape
         C = bias.shape[-2]
-        K, M = k.shape[3], 0 if mem_k is None else mem_k.shape[3]
+        fading = [] if kf is None else [(kf, fading_starts)]
+        keys = _block_keys([(k, raw_starts), *fading], nq)  # [b, hkv, nq, K, dh]
+        values = _block_keys([(v, raw_starts), *[(vf, fading_starts) for _ in fading]], nq)
+        K, M = keys.shape[3], 0 if mem_k is None else mem_k.shape[3]
         n = b * hkv * nq
 
         def key_scores(query, keys):  # one key set's scores, [b, hkv, nq, R/C, C, keys]
@@ -167,46 +193,54 @@ class _BlockAttention(torch.autograd.Function):
 
         scores = q.new_empty(b, hkv, nq, R // C, C, K + M, dtype=torch.float32)
         if torch.compiler.is_compiling():  # dynamo does not trace out= into a strided slice: assign
-            scores[..., :K] = key_scores(q, k) + bias
+            scores[..., :K] = key_scores(q, keys) + bias
             if M:
                 scores[..., K:] = key_scores(q_mem, mem_k) + mem_bias
         else:  # eagerly the sum is written in place, without a temporary of the scores
-            torch.add(key_scores(q, k), bias, out=scores[..., :K])
+            torch.add(key_scores(q, keys), bias, out=scores[..., :K])
             if M:
                 torch.add(key_scores(q_mem, mem_k), mem_bias, out=scores[..., K:])
-        probs = torch.softmax(scores.view(n, R, K + M), dim=-1)  # [n, R, K+M], float32
-        p = probs.to(v.dtype)
-        out = torch.bmm(p[..., :K], v.reshape(n, K, dh))
+        # The probabilities in the values' dtype: what the products use, and what the backward
+        # keeps (half the bytes of float32 under autocast; they are the largest saved tensor).
+        p = torch.softmax(scores.view(n, R, K + M), dim=-1).to(v.dtype)  # [n, R, K+M]
+        out = torch.bmm(p[..., :K], values.reshape(n, K, dh))
         if M:
             out.baddbmm_(p[..., K:], mem_v.reshape(n, M, dh))
-        ctx.save_for_backward(q, k, v, q_mem, mem_k, mem_v, probs, out)
+        ctx.starts = raw_starts, fading_starts
+        ctx.save_for_backward(q, k, v, kf, vf, q_mem, mem_k, mem_v, p, out)
         return out.view(b, hkv, nq, R, dh)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, d_out):
-        q, k, v, q_mem, mem_k, mem_v, probs, out = ctx.saved_tensors
+        q, k, v, kf, vf, q_mem, mem_k, mem_v, p, out = ctx.saved_tensors
+        raw_starts, fading_starts = ctx.starts
         b, hkv, nq, R, dh = q.shape
-        n, K, M = probs.shape[0], k.shape[3], probs.shape[2] - k.shape[3]
+        key_sets = [(k, raw_starts)] + ([] if kf is None else [(kf, fading_starts)])
+        value_sets = [(v, raw_starts)] + ([] if vf is None else [(vf, fading_starts)])
+        keys, values = _block_keys(key_sets, nq), _block_keys(value_sets, nq)  # [b, hkv, nq, K, dh]
+        n, K, M = p.shape[0], keys.shape[3], p.shape[2] - keys.shape[3]
         d_out = d_out.reshape(n, R, dh).contiguous()
         row = (d_out.float() * out.float()).sum(-1, keepdim=True)  # = rowsum(dP ∘ P), [n, R, 1]
-        p = probs.to(v.dtype)
 
         def grads(query, keys, values, cols):  # one key set's d query, d keys, d values
             shape = keys.shape
             keys, values = keys.reshape(n, shape[3], dh), values.reshape(n, shape[3], dh)
             query = query.reshape(n, R, dh)
             d_probs = torch.bmm(d_out, values.mT)  # [n, R, keys]
-            d_scores = d_probs.float().sub_(row).mul_(probs[..., cols]).to(q.dtype)
+            d_scores = d_probs.float().sub_(row).mul_(p[..., cols]).to(q.dtype)
             return (torch.bmm(d_scores, keys), torch.bmm(d_scores.mT, query).view(shape),
                     torch.bmm(p[..., cols].mT, d_out).view(shape))
 
-        dq, dk, dv = grads(q, k, v, slice(0, K))
+        dq, d_keys, d_values = grads(q, keys, values, slice(0, K))
+        dk, *dkf = _block_keys_backward(d_keys, key_sets)
+        dv, *dvf = _block_keys_backward(d_values, value_sets)
         dq_mem = dmem_k = dmem_v = None
         if M:
             dq_mem, dmem_k, dmem_v = grads(q_mem, mem_k, mem_v, slice(K, K + M))
             dq_mem = dq_mem.view(q.shape)
-        return dq.view(q.shape), dk, dv, None, dq_mem, dmem_k, dmem_v, None
+        return (dq.view(q.shape), dk, dv, None, *(dkf or [None]), *(dvf or [None]), None, None,
+                dq_mem, dmem_k, dmem_v, None)
 
 
 DENSE_WINDOW_MAX_LEN = 256
@@ -333,14 +367,14 @@ def union_attention_blocks(
         return torch.zeros(seen.shape, device=device).masked_fill_(~seen, float("-inf"))
 
     # Raw window: keys j in [i-W+1, i], i.e. offsets in [a-W+1, a].
-    raw_k, offsets = _shifted_blocks(k, nq, C, -(W - 1), C - 1)  # views [b, hkv, nq, C, dh]
-    raw_v, _ = _shifted_blocks(v, nq, C, -(W - 1), C - 1)
-    keys, values, masks = raw_k, raw_v, [visible(offsets, a - W + 1, a)]  # masks [nq, C, K]
+    raw_k, raw_starts, offsets = _shifted_blocks(k, nq, C, -(W - 1), C - 1)  # blocks [b, hkv, nb, C, dh]
+    raw_v, _, _ = _shifted_blocks(v, nq, C, -(W - 1), C - 1)
+    masks = [visible(offsets, a - W + 1, a)]  # [nq, C, K]
+    fading = (None, None, ())
     if Fs > 0:
         # Fading tokens: j in [i-W-F+1, i-W], i.e. offsets in [a-W-F+1, a-W].
-        fading_k, offsets = _shifted_blocks(kf, nq, C, -(W + Fs - 1), C - 1 - W)
-        fading_v, _ = _shifted_blocks(vf, nq, C, -(W + Fs - 1), C - 1 - W)
-        keys, values = keys + fading_k, values + fading_v
+        fading_k, fading_starts, offsets = _shifted_blocks(kf, nq, C, -(W + Fs - 1), C - 1 - W)
+        fading = (fading_k, _shifted_blocks(vf, nq, C, -(W + Fs - 1), C - 1 - W)[0], fading_starts)
         masks.append(visible(offsets, a - W - Fs + 1, a - W))
     q_blocks = head_major_blocks(q)  # [b, hkv, nq, group*C, dh]
     bias = hidden_bias(torch.cat(masks, dim=-1))[None, None, :, None]  # [1, 1, nq, 1, C, K]
@@ -353,7 +387,7 @@ def union_attention_blocks(
         qm_blocks = q_blocks if q_mem is None else head_major_blocks(q_mem)
         mem_k_hm, mem_v_hm = (t.permute(0, 3, 1, 2, 4).contiguous() for t in (mem_k, mem_v))  # [b, hkv, nq, M, dh]
         memory = (qm_blocks, mem_k_hm, mem_v_hm, hidden_bias(mem_visible)[:, None, :, None])  # bias [b, 1, nq, 1, C, M]
-    out = _BlockAttention.apply(q_blocks, torch.cat(keys, dim=3), torch.cat(values, dim=3), bias, *memory)
+    out = _BlockAttention.apply(q_blocks, raw_k, raw_v, raw_starts, *fading, bias, *memory)
     out = out.view(b, hkv, nq, group, C, dh).permute(0, 2, 4, 1, 3, 5)  # [b, nq, C, hkv, group, dh]
     return out.reshape(b, nq * C, h, dh)[:, :l]
 

@@ -378,5 +378,6 @@ def ssd_chunked(
 
     y = y.view(b, h, nc * Q, p).transpose(1, 2)[:, :l]  # [b, l, h, p]
     if D is not None:
-        y = y + D.to(acc)[:, None] * x.to(acc)
+        # x in its own dtype: the product promotes it to acc exactly, and autograd keeps x, not a copy in acc.
+        y = y + D.to(acc)[:, None] * x
     return y.to(out_dtype), final_state
