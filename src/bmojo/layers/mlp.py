@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
-import torch.nn.functional as F
 from torch import Tensor, nn
+
+from bmojo.ops.activation import swiglu
 
 
 class SwiGLU(nn.Module):
-    """``down(silu(gate(x)) * up(x))``, no biases. ``[..., d_model] -> [..., d_model]``."""
+    """``down(silu(gate(x)) * up(x))`` (:func:`bmojo.ops.activation.swiglu`), no biases.
+    ``[..., d_model] -> [..., d_model]``."""
 
     def __init__(self, d_model: int, hidden: int):
         super().__init__()
@@ -16,4 +18,4 @@ class SwiGLU(nn.Module):
         self.down_proj = nn.Linear(hidden, d_model, bias=False)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))
