@@ -78,8 +78,8 @@ def count_calls(monkeypatch):
 
 @pytest.fixture
 def assert_compiles_to_eager():
-    """``assert_compiles_to_eager(model, tokens)``: the model under ``torch.compile`` (AOT
-    autograd, no C++ compiler needed) gives the eager logits and every parameter's gradient of
+    """``assert_compiles_to_eager(model, tokens)``: the model under ``torch.compile`` (one graph,
+    AOT autograd, no C++ compiler needed) gives the eager logits and every parameter's gradient of
     ``logsumexp(logits).mean() + aux_loss``. Hand-written backwards are in that graph; PyTorch
     2.11 compiled a Function whose forward modified its output in place to wrong gradients
     (pytorch/pytorch#180642)."""
@@ -87,7 +87,7 @@ def assert_compiles_to_eager():
     def check(model, tokens) -> None:
         results = []
         torch.compiler.reset()
-        for run in (model, torch.compile(model, backend="aot_eager")):
+        for run in (model, torch.compile(model, backend="aot_eager", fullgraph=True)):
             out = run(tokens)
             loss = out.logits.float().logsumexp(-1).mean() + out.aux_loss
             results.append((out.logits, torch.autograd.grad(loss, list(model.parameters()), allow_unused=True,

@@ -183,13 +183,26 @@ def test_checkpoint_round_trip_is_bit_identical(name, tmp_path):
         assert torch.equal(loaded(x).logits, model(x).logits)
 
 
-def test_model_compiles_with_no_graph_break_but_the_token_check():
-    """Under ``torch.compile`` the layers (attention blocks, SSD, eidetic selection) trace whole:
-    the only breaks are the two ``.item()`` of the token range check, before the first layer."""
+@pytest.mark.parametrize("name", list(PRESETS))
+def test_model_compiles_with_no_graph_break(name):
+    """Under ``torch.compile`` every architecture traces whole (attention blocks, SSD, eidetic
+    selection, and the token range check, an assertion in the graph)."""
     torch.compiler.reset()
-    breaks = torch._dynamo.explain(tiny_model("bmojo"))(tokens()).break_reasons
+    explained = torch._dynamo.explain(tiny_model(name))(tokens())
     torch.compiler.reset()
-    assert [frame.name for reason in breaks for frame in reason.user_stack[-1:]] == ["_check_tokens"] * 2
+    assert explained.graph_break_count == 0, [reason.reason for reason in explained.break_reasons]
+
+
+def test_compiled_model_rejects_token_ids_out_of_range():
+    model = tiny_model("bmojo")
+    torch.compiler.reset()
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+    compiled(tokens())
+    bad = tokens()
+    bad[1, 3] = TINY["vocab_size"]
+    with pytest.raises(RuntimeError, match=rf"token ids must be in \[0, {TINY['vocab_size']}\)"):
+        compiled(bad)
+    torch.compiler.reset()
 
 
 @pytest.mark.parametrize("name", ["bmojo", "mamba2"])

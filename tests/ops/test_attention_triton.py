@@ -311,16 +311,12 @@ def test_chunked_prefill_runs_the_kernels_and_matches_one_pass(arch, count_calls
 
 
 def test_compiled_model_with_every_triton_kernel_matches_eager(assert_compiles_to_eager):
-    """The whole model under torch.compile with both kernels: the eager model's logits and
-    parameter gradients; the kernels break no graph (the only breaks are the token range check's
-    two ``.item()``)."""
+    """The whole model under torch.compile with both kernels, in one graph (the kernels break
+    none): the eager model's logits and parameter gradients."""
     torch.manual_seed(0)
     model = LanguageModel(ModelConfig.preset("bmojo", **TINY, attention_kernel="triton",
                                              ssd_kernel="triton")).to(DEVICE)
     tokens = torch.randint(0, TINY["vocab_size"], (2, 45), generator=torch.Generator().manual_seed(1)).to(DEVICE)
-    torch.compiler.reset()
-    breaks = torch._dynamo.explain(model)(tokens).break_reasons
-    assert [frame.name for reason in breaks for frame in reason.user_stack[-1:]] == ["_check_tokens"] * 2
     assert_compiles_to_eager(model, tokens)
 
 

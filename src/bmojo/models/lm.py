@@ -136,6 +136,10 @@ class LanguageModel(nn.Module):
             raise ValueError(f"tokens must be an integer tensor [batch, length], got {shape}")
         if tokens.shape[1] == 0:
             raise ValueError("tokens must hold at least one position")
+        if torch.compiler.is_compiling():  # reading the values back would break the graph: assert in it
+            in_range = ((tokens >= 0) & (tokens < self.config.vocab_size)).all()
+            torch._assert_async(in_range, f"token ids must be in [0, {self.config.vocab_size})")
+            return
         low, high = int(tokens.min()), int(tokens.max())
         if low < 0 or high >= self.config.vocab_size:
             raise ValueError(f"token ids must be in [0, {self.config.vocab_size}); got values in [{low}, {high}]")
