@@ -238,6 +238,9 @@ def test_train_command_on_the_device_writes_a_checkpoint_that_loads_on_the_cpu(t
     assert ("GPU" in precision["reason"]) == (DEVICE.type == "cuda")
     model = LanguageModel.from_pretrained(tmp_path / "checkpoint", device="cpu")
     assert next(model.parameters()).device.type == "cpu"
+    assert bmojo_main(["inspect", "--ckpt", str(tmp_path), "--device", str(DEVICE),  # the final model and its run.json
+                       "--png", str(tmp_path / "memory.png")]) == 0
+    assert "slots filled" in capsys.readouterr().out
 
 
 @pytest.mark.skipif(DEVICE.type not in ("cpu", "cuda"), reason="bmojo bench measures cpu and cuda devices")

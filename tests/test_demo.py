@@ -37,7 +37,8 @@ def test_quick_demo_end_to_end(tmp_path, capsys):
     assert bmojo_row["long_gap"] == settings.long_gap
     assert bmojo_row["long_gap_accuracy"] == pytest.approx(evaluated["accuracy"], abs=1.5 / evaluated["num_queries"])
     # the memory inspector reads a demo checkpoint
-    assert main(["inspect", "--ckpt", str(tmp_path / "bmojo"), "--png", str(tmp_path / "memory.png")]) == 0
+    assert main(["inspect", "--ckpt", str(tmp_path / "bmojo"), "--png", str(tmp_path / "memory.png"),
+                 "--device", device]) == 0
     assert "slots filled" in capsys.readouterr().out
     assert (tmp_path / "memory.png").read_bytes()[:4] == b"\x89PNG"
 

@@ -353,7 +353,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     from bmojo.evaluation.memory import inspect_memory, plot_memory
     from bmojo.training.recall import RecallRun
 
-    model = _load_checkpoint(args.ckpt, args)
+    model = _load_checkpoint(args.ckpt, args, args.device or "cpu")
     saved = RecallRun.load(args.ckpt) if (Path(args.ckpt) / "run.json").is_file() else None
     task = args.task or (saved.task if saved else None)
     if task is None:
@@ -496,7 +496,8 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("--length", type=positive_int, default=None, help="default: the run's first test length")
     inspect.add_argument("--seed", type=int, default=0, help="which test example")
     inspect.add_argument("--png", default=None, help="heat map path (default: CKPT/memory.png)")
-    _add_kernel_flags(inspect)  # inspect runs on the CPU: a Triton checkpoint needs the torch kernels here
+    inspect.add_argument("--device", default=None, help="torch device (default: cpu)")
+    _add_kernel_flags(inspect)
     inspect.set_defaults(func=cmd_inspect)
 
     curves = sub.add_parser("curves", help="learning curves of training runs: a metric against the step",
