@@ -54,3 +54,11 @@ def test_swiglu_compiles_to_the_eager_outputs_and_gradients():
     torch.compiler.reset()
     for got, expected in zip(results[1], results[0], strict=True):
         torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-6)
+
+
+def test_swiglu_runs_its_function_only_where_a_gradient_is_recorded():
+    gate, up = _leaves((2, 8), torch.float32, seed=7)
+    assert type(swiglu(gate, up).grad_fn).__name__ == "_SwiGLUBackward"
+    with torch.no_grad():
+        torch.testing.assert_close(swiglu(gate, up), swiglu_reference(gate, up), atol=0, rtol=0)
+    assert swiglu(gate.detach(), up.detach()).grad_fn is None

@@ -120,3 +120,19 @@ def test_norms_compile_to_the_eager_outputs_and_gradients():
     torch.testing.assert_close(out, eager_out, atol=1e-6, rtol=1e-6)
     for grad, ref in zip(grads, eager_grads, strict=True):
         torch.testing.assert_close(grad, ref, atol=1e-6, rtol=1e-6)
+
+
+def test_the_functions_run_only_where_a_gradient_is_recorded():
+    """Inference (no grad mode, or no input requiring one) runs the references' ops directly:
+    the same result, without a Function's bookkeeping."""
+    y, z = _leaf(3, 16, seed=16), _leaf(3, 16, seed=17)
+    weight = _leaf(16, seed=18)
+    assert type(rms_norm(y, weight, 1e-5).grad_fn).__name__ == "_RMSNormBackward"
+    assert type(gated_rms_norm(y, z, weight, 2, 1e-5).grad_fn).__name__ == "_GatedRMSNormBackward"
+    with torch.no_grad():
+        torch.testing.assert_close(rms_norm(y, weight, 1e-5), rms_norm_reference(y, weight, 1e-5), atol=0, rtol=0)
+        torch.testing.assert_close(gated_rms_norm(y, z, weight, 2, 1e-5),
+                                   gated_rms_norm_reference(y, z, weight, 2, 1e-5), atol=0, rtol=0)
+    frozen = [t.detach() for t in (y, z, weight)]
+    assert rms_norm(frozen[0], frozen[2], 1e-5).grad_fn is None
+    assert gated_rms_norm(*frozen[:2], frozen[2], 2, 1e-5).grad_fn is None

@@ -28,9 +28,25 @@ def randn(*shape, seed=0):
 
 def test_angles_shape_and_dtype():
     cos, sin = rope_angles(torch.arange(-3, 7), DH)
-    assert cos.shape == sin.shape == (10, DH // 2)
+    assert cos.shape == sin.shape == (10, DH)
     assert cos.dtype == sin.dtype == torch.float32
-    torch.testing.assert_close(cos**2 + sin**2, torch.ones(10, DH // 2), atol=1e-6, rtol=0)
+    torch.testing.assert_close(cos**2 + sin**2, torch.ones(10, DH), atol=1e-6, rtol=0)
+    # cos repeated in both halves, sin negated in the first
+    torch.testing.assert_close(cos[:, : DH // 2], cos[:, DH // 2 :], atol=0, rtol=0)
+    torch.testing.assert_close(sin[:, : DH // 2], -sin[:, DH // 2 :], atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rotation_rounds_as_the_pairwise_formula(dtype):
+    """``x·cos + swap(x)·sin`` is ``(x1·c - x2·s, x2·c + x1·s)`` with the same roundings: equal
+    bit for bit to the formula written per half."""
+    x = randn(2, 9, 3, DH, seed=10).to(dtype)
+    positions = torch.tensor([0, 1, 2, 5, 17, 100, 4095, -1, -30])
+    cos, sin = rope_angles(positions, DH)
+    c, s = cos[:, None, DH // 2 :], sin[:, None, DH // 2 :]
+    x1, x2 = x.float().chunk(2, dim=-1)
+    expected = torch.cat([x1 * c - x2 * s, x1 * s + x2 * c], dim=-1).to(dtype)
+    torch.testing.assert_close(apply_rope(x, cos, sin), expected, atol=0, rtol=0)
 
 
 @pytest.mark.parametrize("theta", [10000.0, 500000.0])

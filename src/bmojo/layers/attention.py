@@ -96,7 +96,7 @@ class Attention(nn.Module):
     def step(self, x: Tensor, cache: KVBuffer, position: int) -> Tensor:
         """One token ``x [B, D]`` at absolute ``position`` -> ``[B, D]``."""
         q, k, v = self.project_qkv(x[:, None])
-        cos, sin = self.rope(torch.tensor([position], device=x.device))
+        cos, sin = self.rope(torch.arange(position, position + 1, device=x.device))  # no host copy: no sync
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         cache.write(k, v, position)
         out = union_attention_step(q[:, 0], cache.k, cache.v, cache.pos >= 0)

@@ -245,7 +245,7 @@ class BMojoMixer(Attention):
             return q
         if self.eidetic_rope == "absolute":
             return q_rot
-        cos, sin = self.rope(torch.tensor([self.window + self.fading_span], device=q.device))
+        cos, sin = self.rope(torch.full((1,), self.window + self.fading_span, device=q.device))  # no host copy
         return apply_rope(q, cos, sin)
 
     def eidetic_key(self, k: Tensor, k_rot: Tensor) -> Tensor:
@@ -543,21 +543,22 @@ class BMojoMixer(Attention):
         """One token ``x [B, D]`` at absolute ``position`` -> ``[B, D]``, cost
         ``O(W + F + M + r·S)`` attention whatever the position, plus, once per chunk, scoring
         the store's block summaries (linear in the number of stored blocks)."""
-        W, Fs = self.window, self.fading_span
+        W = self.window
         t = position
         f = self.ssm.step(x, cache.ssm)  # [B, D]
         q, k, v = self._project_qkv(x[:, None], cache, t)  # [B, 1, ., dh]
-        cos, sin = self.rope(torch.tensor([t], device=x.device))
+        position_t = torch.arange(t, t + 1, device=x.device)  # [1]; made on the device: no host copy, no sync
+        cos, sin = self.rope(position_t)
         q_rot, k_rot = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         cache.raw.write(k_rot, v, t)
         keys, values, visible = [cache.raw.k], [cache.raw.v], [cache.raw.pos >= 0]
         if cache.fading is not None:
             kf, vf = self.fading_kv(f[:, None], cos, sin)
             cache.fading.write(kf, vf, t)
-            fpos = cache.fading.pos
+            fpos = cache.fading.pos  # its W + F slots hold positions >= t - W - F + 1 (or -1: empty)
             keys.append(cache.fading.k)
             values.append(cache.fading.v)
-            visible.append((fpos >= 0) & (fpos <= t - W) & (fpos >= t - W - Fs + 1))
+            visible.append((fpos >= 0) & (fpos <= t - W))
         memory = {}
         if self.has_memory or self.has_storage:
             q_eid, k_eid = self.eidetic_query(q, q_rot)[:, 0], self.eidetic_key(k, k_rot)  # [B, H, dh], [B, 1, Hkv, dh]
@@ -577,8 +578,7 @@ class BMojoMixer(Attention):
         out = union_attention_step(q_rot[:, 0], torch.cat(keys, 1), torch.cat(values, 1), torch.cat(visible),
                                    **memory)
         if self.has_memory:
-            positions = torch.tensor([t], device=x.device)
-            score, _ = self._selection_scores(x[:, None], cache.prev_f[:, None], positions)
+            score, _ = self._selection_scores(x[:, None], cache.prev_f[:, None], position_t)
             self._add_candidate(cache, k_eid[:, 0].detach(), v[:, 0].detach(), score[:, 0], t)
         if self.has_storage:
             if self.storage_source == "raw":

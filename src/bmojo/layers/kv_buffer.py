@@ -47,7 +47,10 @@ class KVBuffer:
         slots = self.pos.shape[0]
         keep = min(n, slots)
         positions = torch.arange(start + n - keep, start + n, device=self.pos.device)
-        index = positions % slots
+        first = (start + n - keep) % slots
+        # Slots first .. first+keep-1 when they do not wrap (a decoding step always): plain slices,
+        # no index tensor; else the slots of positions mod S.
+        index = slice(first, first + keep) if first + keep <= slots else positions % slots
         self.k[:, index] = k[:, n - keep:].detach().to(self.k.dtype)
         self.v[:, index] = v[:, n - keep:].detach().to(self.v.dtype)
         self.pos[index] = positions

@@ -15,6 +15,8 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
+from bmojo.ops.grad import records_graph
+
 
 def swiglu_reference(gate: Tensor, up: Tensor) -> Tensor:
     """``silu(gate) · up``, elementwise. ``gate, up [..., hidden]``."""
@@ -39,5 +41,8 @@ class _SwiGLU(torch.autograd.Function):
 
 
 def swiglu(gate: Tensor, up: Tensor) -> Tensor:
-    """Fast path of :func:`swiglu_reference` (same arguments and result)."""
+    """Fast path of :func:`swiglu_reference` (same arguments and result; the reference's ops when
+    no gradient is recorded)."""
+    if not records_graph(gate, up):
+        return swiglu_reference(gate, up)
     return _SwiGLU.apply(gate, up)

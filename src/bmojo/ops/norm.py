@@ -17,6 +17,8 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
+from bmojo.ops.grad import records_graph
+
 
 def rms_norm_reference(x: Tensor, weight: Tensor, eps: float) -> Tensor:
     """``x / rms(x) * weight`` over the last dim, in float32. ``x [..., D]``, ``weight [D]``."""
@@ -100,12 +102,18 @@ class _GatedRMSNorm(torch.autograd.Function):
 
 
 def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
-    """Fast path of :func:`rms_norm_reference` (same arguments and result)."""
+    """Fast path of :func:`rms_norm_reference` (same arguments and result; the reference's ops
+    when no gradient is recorded)."""
+    if not records_graph(x, weight):
+        return rms_norm_reference(x, weight, eps)
     return _RMSNorm.apply(x, weight, eps)
 
 
 def gated_rms_norm(y: Tensor, z: Tensor, weight: Tensor, n_groups: int, eps: float) -> Tensor:
-    """Fast path of :func:`gated_rms_norm_reference` (same arguments and result)."""
+    """Fast path of :func:`gated_rms_norm_reference` (same arguments and result; the reference's
+    ops when no gradient is recorded)."""
     if y.shape[-1] % n_groups != 0:
         raise ValueError(f"the last dim {y.shape[-1]} must be a multiple of n_groups {n_groups}")
+    if not records_graph(y, z, weight):
+        return gated_rms_norm_reference(y, z, weight, n_groups, eps)
     return _GatedRMSNorm.apply(y, z, weight, n_groups, eps)
