@@ -198,10 +198,11 @@ def test_compiled_model_rejects_token_ids_out_of_range():
     torch.compiler.reset()
     compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
     compiled(tokens())
-    bad = tokens()
-    bad[1, 3] = TINY["vocab_size"]
-    with pytest.raises(RuntimeError, match=rf"token ids must be in \[0, {TINY['vocab_size']}\)"):
-        compiled(bad)
+    for wrong in (TINY["vocab_size"], -1):
+        bad = tokens()
+        bad[1, 3] = wrong
+        with pytest.raises(RuntimeError, match=rf"token ids must be in \[0, {TINY['vocab_size']}\)"):
+            compiled(bad)
     torch.compiler.reset()
 
 

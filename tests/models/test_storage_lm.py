@@ -145,3 +145,17 @@ def test_budget_evict_in_a_model(tmp_path):
     torch.testing.assert_close(torch.cat(logits, 1), full, atol=1e-4, rtol=0)
     store = cache.stores()[0]
     assert store.count == 5 and store.written > 5 and store.slots == 5
+
+
+def test_a_cache_of_other_shapes_does_not_load(tmp_path):
+    """A cache saved by a model with another fading span (so other ring sizes) fails at load,
+    naming the field, instead of decoding from slots laid out for another size."""
+    x = tokens(length=20)
+    with torch.no_grad():
+        cache = tiny_model(storage_blocks=0, fading_span=4).new_cache(2)
+        tiny_model(storage_blocks=0, fading_span=4)(x, cache)
+        cache.save(tmp_path / "cache.pt")
+    with pytest.raises(ValueError, match=r"layer 0\.fading\.k: shape"):
+        tiny_model(storage_blocks=0, fading_span=8).load_cache(tmp_path / "cache.pt")
+    loaded = tiny_model(storage_blocks=0, fading_span=4).load_cache(tmp_path / "cache.pt")
+    assert loaded.position == 20

@@ -366,7 +366,8 @@ def test_blocked_path_keeps_neither_gathered_keys_nor_float32_probabilities(save
     keys_per_block = 4 * C  # W = F = C: raw keys from blocks n-1 and n, fading keys from n-2 and n-1
     probabilities = [t for t in saved if t.shape[-1] == keys_per_block + M]
     assert len(probabilities) == 1 and probabilities[0].dtype == torch.bfloat16
-    assert not [t for t in saved if t.dim() == 5 and t.shape[2:4] == (nq, keys_per_block)]
+    gathered = B_ * 2 * nq * keys_per_block * DH  # b * hkv * nq * K * dh: the keys (or values) of all blocks
+    assert not [t for t in saved if t.numel() == gathered], [t.shape for t in saved]
     assert all(t.dtype == torch.bfloat16 for t in saved)
 
 

@@ -42,6 +42,8 @@ class KVBuffer:
         """Store ``k, v [B, n, hkv, dh]`` at positions ``start .. start + n - 1`` (detached: a
         cache holds values, never an autograd graph)."""
         n = k.shape[1]
+        if n == 0:
+            return
         if self.growable and start + n > self.pos.shape[0]:
             self._grow(start + n)
         slots = self.pos.shape[0]

@@ -11,6 +11,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from bmojo.layers.kv_buffer import KVBuffer
 from bmojo.ops.storage import BlockStore
 
 
@@ -35,12 +36,17 @@ def _load(obj: Any, state: dict[str, Any], where: str) -> None:
     if set(state) != names:
         raise ValueError(f"saved cache does not match this model at {where}: fields {sorted(state)}, "
                          f"expected {sorted(names)}")
+    resizable = isinstance(obj, KVBuffer) and obj.growable  # a full-attention buffer's capacity grows
     for name, value in state.items():
         current = getattr(obj, name)
         if dataclasses.is_dataclass(current):
             _load(current, value, f"{where}.{name}")
-        else:
-            setattr(obj, name, value)
+            continue
+        if isinstance(current, Tensor) and not resizable and current.shape != value.shape:
+            # e.g. another window or fading span: ring slots are positions mod their size
+            raise ValueError(f"saved cache does not match this model at {where}.{name}: shape "
+                             f"{tuple(value.shape)}, expected {tuple(current.shape)}")
+        setattr(obj, name, value)
 
 
 @dataclass

@@ -123,7 +123,7 @@ def _shifted_blocks(t: Tensor, nq: int, C: int, lo: int, hi: int) -> tuple[Tenso
 
     ``t [b, l, hkv, dh]`` -> ``(blocks, starts, offsets [K])``: ``t`` padded and cut into blocks
     ``[b, hkv, nb, C, dh]`` (head-major), the first block of each ``d`` (query block ``n`` reads
-    block ``start + n``: :func:`_block_keys`), and the keys' positions relative to the block start.
+    block ``start + n``: :func:`_gather_blocks`), and the keys' positions relative to the block start.
     """
     first, last = lo // C, hi // C
     front, back = max(-first, 0), max(last, 0)
@@ -134,20 +134,29 @@ def _shifted_blocks(t: Tensor, nq: int, C: int, lo: int, hi: int) -> tuple[Tenso
     return blocks, starts, torch.arange(first * C, (last + 1) * C, device=t.device)
 
 
-def _block_keys(key_sets: list[tuple[Tensor, tuple[int, ...]]], nq: int) -> Tensor:
-    """The keys of every query block, contiguous: ``[(blocks [b, hkv, nb, C, dh], starts)]``
-    (:func:`_shifted_blocks`) -> ``[b, hkv, nq, K, dh]``, the blocks ``start + n`` side by side."""
-    return torch.cat([blocks[:, :, start: start + nq] for blocks, starts in key_sets for start in starts], dim=3)
+def _gather_blocks(block_sets: list[tuple[Tensor, tuple[int, ...]]], nq: int) -> Tensor:
+    """The keys (or values) of every query block, contiguous: ``[(blocks [b, hkv, nb, C, dh],
+    starts)]`` (:func:`_shifted_blocks`) -> ``[b, hkv, nq, K, dh]``, the blocks ``start + n`` side by side."""
+    return torch.cat([blocks[:, :, start: start + nq] for blocks, starts in block_sets for start in starts], dim=3)
 
 
-def _block_keys_backward(d_keys: Tensor, key_sets: list[tuple[Tensor, tuple[int, ...]]]) -> list[Tensor]:
-    """The gradient of :func:`_block_keys` for each set's blocks, from ``d_keys [b, hkv, nq, K, dh]``."""
-    nq, grads, column = d_keys.shape[2], [], 0
-    for blocks, starts in key_sets:
+def _block_sets(k: Tensor, v: Tensor, raw_starts: tuple[int, ...], kf: Tensor | None, vf: Tensor | None,
+                fading_starts: tuple[int, ...]) -> tuple[list, list]:
+    """The block sets of the keys and of the values for :func:`_gather_blocks`: the raw blocks,
+    then the fading ones when there are fading tokens."""
+    fading = kf is not None
+    return ([(k, raw_starts)] + ([(kf, fading_starts)] if fading else []),
+            [(v, raw_starts)] + ([(vf, fading_starts)] if fading else []))
+
+
+def _gather_blocks_backward(d_gathered: Tensor, block_sets: list[tuple[Tensor, tuple[int, ...]]]) -> list[Tensor]:
+    """The gradient of :func:`_gather_blocks` for each set's blocks, from ``d_gathered [b, hkv, nq, K, dh]``."""
+    nq, grads, column = d_gathered.shape[2], [], 0
+    for blocks, starts in block_sets:
         C = blocks.shape[3]
-        grad = d_keys.new_zeros(blocks.shape)
+        grad = d_gathered.new_zeros(blocks.shape)
         for start in starts:
-            grad[:, :, start: start + nq] += d_keys[:, :, :, column: column + C]
+            grad[:, :, start: start + nq] += d_gathered[:, :, :, column: column + C]
             column += C
         grads.append(grad)
     return grads
@@ -158,7 +167,7 @@ class _BlockAttention(torch.autograd.Function):
 
     ``q [b, hkv, nq, R, dh]`` (already scaled) against the ``K`` keys and values of each query
     block, gathered from the raw ``k, v`` and the fading ``kf, vf`` blocks (``[b, hkv, nb, C, dh]``,
-    the blocks ``start + n`` of each start in ``raw_starts``, ``fading_starts``: :func:`_block_keys`),
+    the blocks ``start + n`` of each start in ``raw_starts``, ``fading_starts``: :func:`_gather_blocks`),
     with the additive mask ``bias`` (0 or -inf, broadcastable to ``[b, hkv, nq, R/C, C, K]``) and,
     optionally, ``q_mem`` against the memory keys ``mem_k, mem_v [b, hkv, nq, M, dh]`` with
     ``mem_bias``: one softmax over the ``K + M`` scores (float32). Returns ``[b, hkv, nq, R, dh]``.
@@ -181,9 +190,8 @@ class _BlockAttention(torch.autograd.Function):
     def forward(ctx, q, k, v, raw_starts, kf, vf, fading_starts, bias, q_mem, mem_k, mem_v, mem_bias):
         b, hkv, nq, R, dh = q.shape
         C = bias.shape[-2]
-        fading = [] if kf is None else [(kf, fading_starts)]
-        keys = _block_keys([(k, raw_starts), *fading], nq)  # [b, hkv, nq, K, dh]
-        values = _block_keys([(v, raw_starts), *[(vf, fading_starts) for _ in fading]], nq)
+        key_sets, value_sets = _block_sets(k, v, raw_starts, kf, vf, fading_starts)
+        keys, values = _gather_blocks(key_sets, nq), _gather_blocks(value_sets, nq)  # [b, hkv, nq, K, dh]
         K, M = keys.shape[3], 0 if mem_k is None else mem_k.shape[3]
         n = b * hkv * nq
 
@@ -216,9 +224,8 @@ class _BlockAttention(torch.autograd.Function):
         q, k, v, kf, vf, q_mem, mem_k, mem_v, p, out = ctx.saved_tensors
         raw_starts, fading_starts = ctx.starts
         b, hkv, nq, R, dh = q.shape
-        key_sets = [(k, raw_starts)] + ([] if kf is None else [(kf, fading_starts)])
-        value_sets = [(v, raw_starts)] + ([] if vf is None else [(vf, fading_starts)])
-        keys, values = _block_keys(key_sets, nq), _block_keys(value_sets, nq)  # [b, hkv, nq, K, dh]
+        key_sets, value_sets = _block_sets(k, v, raw_starts, kf, vf, fading_starts)
+        keys, values = _gather_blocks(key_sets, nq), _gather_blocks(value_sets, nq)  # [b, hkv, nq, K, dh]
         n, K, M = p.shape[0], keys.shape[3], p.shape[2] - keys.shape[3]
         d_out = d_out.reshape(n, R, dh).contiguous()
         row = (d_out.float() * out.float()).sum(-1, keepdim=True)  # = rowsum(dP ∘ P), [n, R, 1]
@@ -233,8 +240,8 @@ class _BlockAttention(torch.autograd.Function):
                     torch.bmm(p[..., cols].mT, d_out).view(shape))
 
         dq, d_keys, d_values = grads(q, keys, values, slice(0, K))
-        dk, *dkf = _block_keys_backward(d_keys, key_sets)
-        dv, *dvf = _block_keys_backward(d_values, value_sets)
+        dk, *dkf = _gather_blocks_backward(d_keys, key_sets)
+        dv, *dvf = _gather_blocks_backward(d_values, value_sets)
         dq_mem = dmem_k = dmem_v = None
         if M:
             dq_mem, dmem_k, dmem_v = grads(q_mem, mem_k, mem_v, slice(K, K + M))
