@@ -155,7 +155,7 @@ def test_a_cache_of_other_shapes_does_not_load(tmp_path):
         cache = tiny_model(storage_blocks=0, fading_span=4).new_cache(2)
         tiny_model(storage_blocks=0, fading_span=4)(x, cache)
         cache.save(tmp_path / "cache.pt")
-    with pytest.raises(ValueError, match=r"layer 0\.fading\.k: shape"):
+    with pytest.raises(ValueError, match=r"layer 0\.fading\.k: \(2, 8, 2, 8\), expected shape \(2, 12, 2, 8\)"):
         tiny_model(storage_blocks=0, fading_span=8).load_cache(tmp_path / "cache.pt")
     loaded = tiny_model(storage_blocks=0, fading_span=4).load_cache(tmp_path / "cache.pt")
     assert loaded.position == 20

@@ -42,10 +42,11 @@ def _load(obj: Any, state: dict[str, Any], where: str) -> None:
         if dataclasses.is_dataclass(current):
             _load(current, value, f"{where}.{name}")
             continue
-        if isinstance(current, Tensor) and not resizable and current.shape != value.shape:
+        if isinstance(current, Tensor) and not resizable and getattr(value, "shape", None) != current.shape:
             # e.g. another window or fading span: ring slots are positions mod their size
-            raise ValueError(f"saved cache does not match this model at {where}.{name}: shape "
-                             f"{tuple(value.shape)}, expected {tuple(current.shape)}")
+            saved = tuple(value.shape) if isinstance(value, Tensor) else value
+            raise ValueError(f"saved cache does not match this model at {where}.{name}: {saved}, "
+                             f"expected shape {tuple(current.shape)}")
         setattr(obj, name, value)
 
 
