@@ -77,6 +77,30 @@ def count_calls(monkeypatch):
 
 
 @pytest.fixture
+def assert_op_compiles_to_eager():
+    """``assert_op_compiles_to_eager(fn, inputs, d_out, output_tol=(1e-6, 1e-6), grad_tol=(1e-6, 1e-6))``:
+    ``fn(*inputs)`` under ``torch.compile`` (one graph, AOT autograd, no C++ compiler needed) gives
+    the eager output and the gradients of every input against ``d_out``, to ``(atol, rtol)``.
+    Hand-written backwards are in that graph (pytorch/pytorch#180642: a Function whose forward
+    modified its output in place compiled to wrong gradients in PyTorch 2.11)."""
+
+    def check(fn, inputs, d_out, output_tol=(1e-6, 1e-6), grad_tol=(1e-6, 1e-6)) -> None:
+        results = []
+        torch.compiler.reset()
+        for run in (fn, torch.compile(fn, backend="aot_eager", fullgraph=True)):
+            out = run(*inputs)
+            results.append((out, torch.autograd.grad(out, inputs, d_out)))
+        torch.compiler.reset()
+        (out_ref, grads_ref), (out, grads) = results
+        torch.testing.assert_close(out, out_ref, atol=output_tol[0], rtol=output_tol[1])
+        for index, (grad, grad_ref) in enumerate(zip(grads, grads_ref, strict=True)):
+            torch.testing.assert_close(grad, grad_ref, atol=grad_tol[0], rtol=grad_tol[1],
+                                       msg=lambda m, index=index: f"gradient of input {index}: {m}")
+
+    return check
+
+
+@pytest.fixture
 def assert_compiles_to_eager():
     """``assert_compiles_to_eager(model, tokens)``: the model under ``torch.compile`` (one graph,
     AOT autograd, no C++ compiler needed) gives the eager logits and every parameter's gradient of

@@ -21,23 +21,16 @@ def test_fast_conv_equals_reference_outputs_and_gradients(length, kernel, with_b
         torch.testing.assert_close(gf, gr, atol=1e-5, rtol=1e-5)
 
 
-def test_fast_conv_compiles_to_the_eager_outputs_and_gradients():
-    """Under ``torch.compile`` (fullgraph, AOT autograd: no C++ compiler needed) the hand-written
-    Function gives the eager output and gradients. PyTorch 2.11 compiled a Function whose forward
-    modified its output in place to wrong gradients (pytorch/pytorch#180642): here the weight's
-    were all zero and half the input's wrong."""
+def test_fast_conv_compiles_to_the_eager_outputs_and_gradients(assert_op_compiles_to_eager):
+    """Under ``torch.compile`` the hand-written Function gives the eager output and gradients.
+    PyTorch 2.11 compiled a Function whose forward modified its output in place to wrong gradients
+    (pytorch/pytorch#180642): here the weight's were all zero and half the input's wrong."""
     g = torch.Generator().manual_seed(3)
     x = torch.randn(2, 17, 6, generator=g, requires_grad=True)
     w = torch.randn(6, 1, 4, generator=g, requires_grad=True)
     b = torch.randn(6, generator=g, requires_grad=True)
     grad = torch.randn(2, 17, 6, generator=g)
-    torch.compiler.reset()
-    compiled = torch.compile(causal_depthwise_conv1d, backend="aot_eager", fullgraph=True)
-    y, y_ref = compiled(x, w, b), causal_depthwise_conv1d(x, w, b)
-    torch.testing.assert_close(y, y_ref, atol=0, rtol=0)
-    grads = torch.autograd.grad(y, (x, w, b), grad)
-    for name, gc, ge in zip("xwb", grads, torch.autograd.grad(y_ref, (x, w, b), grad), strict=True):
-        torch.testing.assert_close(gc, ge, atol=1e-6, rtol=1e-6, msg=lambda m, name=name: f"grad of {name}: {m}")
+    assert_op_compiles_to_eager(causal_depthwise_conv1d, (x, w, b), grad, output_tol=(0, 0))
 
 
 def test_conv_is_causal_by_definition():

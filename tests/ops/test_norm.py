@@ -101,9 +101,8 @@ def test_fast_paths_keep_only_the_inverse_rms(saved_for_backward):
     assert saved_bytes(lambda a, b, w: gated_rms_norm_reference(a, b, w, 4, 1e-5), x, z, weight) >= 3 * activation
 
 
-def test_norms_compile_to_the_eager_outputs_and_gradients():
-    """Under ``torch.compile`` (AOT autograd, no C++ compiler needed) the written-out backwards
-    give the eager gradients."""
+def test_norms_compile_to_the_eager_outputs_and_gradients(assert_op_compiles_to_eager):
+    """Under ``torch.compile`` the written-out backwards give the eager gradients."""
     x = _leaf(4, 6, 32, seed=12)
     z = _leaf(4, 6, 32, seed=13)
     weight = _leaf(32, seed=14)
@@ -111,15 +110,8 @@ def test_norms_compile_to_the_eager_outputs_and_gradients():
     def both(a, b, w):
         return rms_norm(a, w, 1e-5) * gated_rms_norm(a, b, w, 2, 1e-5)
 
-    torch.compiler.reset()
-    compiled = torch.compile(both, backend="aot_eager", fullgraph=True)
     d_out = torch.randn(4, 6, 32, generator=torch.Generator().manual_seed(15))
-    eager_out, eager_grads = _outputs_and_grads(both, (x, z, weight), d_out)
-    out, grads = _outputs_and_grads(compiled, (x, z, weight), d_out)
-    torch.compiler.reset()
-    torch.testing.assert_close(out, eager_out, atol=1e-6, rtol=1e-6)
-    for grad, ref in zip(grads, eager_grads, strict=True):
-        torch.testing.assert_close(grad, ref, atol=1e-6, rtol=1e-6)
+    assert_op_compiles_to_eager(both, (x, z, weight), d_out)
 
 
 def test_the_functions_run_only_where_a_gradient_is_recorded():
