@@ -5,6 +5,7 @@ from bmojo.bench.common import (
     Spread,
     format_bytes,
     matched_configs,
+    paired_ratio,
     parse_choices,
     parse_int_list,
     resolve_device,
@@ -29,6 +30,11 @@ def test_run_interleaved_calls_each_runner_once_per_round_and_drops_the_warmup()
     assert calls == ["a", "b", "a", "b", "a", "b"]
     assert results == {"a": [3, 5], "b": [4, 6]}
     assert len(ticks) == 6
+
+
+def test_paired_ratio_is_the_median_of_per_round_ratios():
+    # rounds: 1, 2, 3 s over 2, 2, 6 s -> ratios 0.5, 1, 0.5 (the ratio of the medians would be 2/2 = 1)
+    assert paired_ratio([1.0, 2.0, 3.0], [2.0, 2.0, 6.0]) == 0.5
 
 
 def test_timed_reads_the_clock_around_the_function():

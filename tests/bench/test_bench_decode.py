@@ -63,7 +63,7 @@ def test_decoding_is_timed_after_the_cache_holds_the_context(monkeypatch, arch):
     assert prefill_s > 0 and per_token_s > 0
 
 
-def test_architectures_run_interleaved_in_every_round(monkeypatch, bench, tmp_path):
+def test_every_context_and_architecture_runs_in_every_round(monkeypatch, bench, tmp_path):
     calls = []
 
     def recording_run_interleaved(runners, repeats, warmup, on_run=None):
@@ -75,10 +75,28 @@ def test_architectures_run_interleaved_in_every_round(monkeypatch, bench, tmp_pa
         return run_interleaved({n: recording(n, r) for n, r in runners.items()}, repeats, warmup, on_run)
 
     monkeypatch.setattr(bench_decode, "run_interleaved", recording_run_interleaved)
-    code, _ = bench(["decode", "--quick", "--archs", "mamba2,transformer", "--contexts", "8", "--repeats", "2",
+    code, _ = bench(["decode", "--quick", "--archs", "mamba2,transformer", "--contexts", "8,12", "--repeats", "2",
                      "--warmup", "0", "--no-progress", "--plot-dir", str(tmp_path)])
     assert code == 0
-    assert calls == ["mamba2", "transformer"] * 2
+    # not all of one context's runs, then all of the next one's: a drifting machine moves every context alike
+    assert calls == [(8, "mamba2"), (8, "transformer"), (12, "mamba2"), (12, "transformer")] * 2
+
+
+def test_latency_ratio_to_the_shortest_context_pairs_runs_of_the_same_round(monkeypatch, bench, json_line, tmp_path):
+    # per-token seconds by round: N=8 takes 1, 2, 4 s; N=12 takes 4, 2, 6 s -> per-round ratios 4, 1, 1.5, median
+    # 1.5 (the ratio of the medians would be 4 / 2 = 2)
+    per_token = {8: iter([1.0, 2.0, 4.0]), 12: iter([4.0, 2.0, 6.0])}
+
+    def fake_decode_run(model, prompt, steps):
+        return lambda: (0.5, next(per_token[prompt.shape[1]]))
+
+    monkeypatch.setattr(bench_decode, "make_decode_run", fake_decode_run)
+    code, out = bench(["decode", "--quick", "--archs", "mamba2", "--contexts", "8,12", "--repeats", "3",
+                       "--warmup", "0", "--json", "--no-progress", "--plot-dir", str(tmp_path)])
+    assert code == 0
+    ratio = {r["context"]: r["decode_ratio_to_shortest"] for r in json_line(out)["results"]}
+    assert ratio == {8: 1.0, 12: 1.5}
+    assert "x N=8" in out
 
 
 @pytest.mark.parametrize(("flags", "message"), [

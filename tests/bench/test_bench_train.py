@@ -78,11 +78,6 @@ def test_qkv_conv_flag_reaches_the_models(bench, json_line, tmp_path):
     assert params[4] - params[0] == shapes["n_layers"] * channels * (4 + 1)
 
 
-def test_paired_ratio_is_the_median_of_per_round_ratios():
-    # rounds: transformer 1, 2, 3 s; arch 2, 2, 6 s -> ratios 0.5, 1, 0.5
-    assert bench_train.paired_ratio([1.0, 2.0, 3.0], [2.0, 2.0, 6.0]) == 0.5
-
-
 def test_without_transformer_the_ratio_is_not_available(bench, json_line, tmp_path):
     code, out = bench(["train", "--quick", "--archs", "swa", "--lengths", "16", "--precision", "fp32",
                        "--repeats", "1", "--json", "--no-progress", "--plot-dir", str(tmp_path)])

@@ -13,7 +13,7 @@ import functools
 import json
 import statistics
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -28,6 +28,7 @@ from bmojo.device import device_or_default
 from bmojo.models.sizing import matched_model, param_count
 
 T = TypeVar("T")
+K = TypeVar("K", bound=Hashable)
 
 DEFAULT_SIZE = "laptop"
 DEFAULT_VOCAB = BYTE_VOCAB_SIZE  # the byte tokenizer's: 256 bytes and <|endoftext|>
@@ -225,12 +226,12 @@ def timed(fn: Callable[[], object], device: torch.device, clock: Callable[[], fl
     return clock() - start
 
 
-def run_interleaved(runners: Mapping[str, Callable[[], T]], repeats: int, warmup: int,
-                    on_run: Callable[[], None] | None = None) -> dict[str, list[T]]:
+def run_interleaved(runners: Mapping[K, Callable[[], T]], repeats: int, warmup: int,
+                    on_run: Callable[[], None] | None = None) -> dict[K, list[T]]:
     """Call every runner once per round, in turn (``a, b, c, a, b, c, ...``): ``warmup`` rounds whose
     results are dropped, then ``repeats`` rounds whose results are returned, per runner, in round order.
     ``on_run`` is called after each call (progress)."""
-    results: dict[str, list[T]] = {name: [] for name in runners}
+    results: dict[K, list[T]] = {name: [] for name in runners}
     for round_index in range(warmup + repeats):
         for name, runner in runners.items():
             value = runner()
@@ -239,6 +240,12 @@ def run_interleaved(runners: Mapping[str, Callable[[], T]], repeats: int, warmup
             if on_run is not None:
                 on_run()
     return results
+
+
+def paired_ratio(numerator_s: Sequence[float], denominator_s: Sequence[float]) -> float:
+    """Median over rounds of ``numerator / denominator``, each pair from the same round of
+    :func:`run_interleaved`: machine drift between rounds cancels in every ratio."""
+    return statistics.median(n / d for n, d in zip(numerator_s, denominator_s, strict=True))
 
 
 def progress_bar(total: int, desc: str, enabled: bool) -> tqdm:

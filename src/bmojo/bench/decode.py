@@ -5,9 +5,15 @@ One run, for one architecture and a context of ``N`` tokens: an empty cache (a f
 KV buffer sized for ``N + --decode-steps`` positions, so it never regrows while timed); the prefill, one
 parallel forward of ``N`` random tokens that fills the cache (timed); then ``--decode-steps`` calls of
 ``model.step``, each decoding the previous step's greedy token, timed together: the latency at context
-``N`` is their mean, measured with ``N`` to ``N + steps - 1`` tokens in the cache. Runs of the
-architectures are interleaved (:func:`~bmojo.bench.common.run_interleaved`); median and range over
-``--repeats`` runs. Batch 1, fp32 weights, no gradients.
+``N`` is their mean, measured with ``N`` to ``N + steps - 1`` tokens in the cache. Every (context, architecture) run
+is interleaved with all the others (:func:`~bmojo.bench.common.run_interleaved`: one round runs each
+once), so a machine that speeds up or slows down during the benchmark moves every context alike;
+median and range over ``--repeats`` rounds. Batch 1, fp32 weights, no gradients.
+
+``× N0``: an architecture's per-token latency at ``N`` over its latency at the shortest context ``N0``,
+both from the same round, median over rounds (the issue's "latency at 32K ≤ 1.15× the latency at 1K").
+Measured one context after the other, a slowdown of the machine between them reads as a latency that
+grows with the context (docs/performance.md, "Where the issue's targets stand").
 
 The prefill is the model's own parallel forward, one call over the whole context. Its memory grows
 linearly with ``N`` where SDPA has a fused kernel for the shapes (the CPU's flash kernel; on CUDA,
@@ -37,6 +43,7 @@ from bmojo.bench.common import (
     line_plot,
     machine_info,
     matched_configs,
+    paired_ratio,
     parse_int_list,
     print_json,
     progress_bar,
@@ -85,6 +92,7 @@ class DecodeResult:
     context: int
     prefill_s: Spread
     decode_ms_per_token: Spread
+    decode_ratio_to_shortest: float  # median over rounds of latency at `context` / latency at the shortest context
     cache_bytes: int  # per sequence, holding `context` tokens
 
 
@@ -132,31 +140,34 @@ def benchmark_decode(settings: DecodeSettings, device: torch.device, progress: b
     torch.manual_seed(settings.seed)
     models = {arch: LanguageModel(config).to(device).eval() for arch, config in configs.items()}
     generator = torch.Generator().manual_seed(settings.seed)
+    prompts = {n: torch.randint(0, settings.vocab, (1, n), generator=generator).to(device) for n in settings.contexts}
+    runners = {(n, arch): make_decode_run(model, prompts[n], settings.decode_steps)
+               for n in settings.contexts for arch, model in models.items()}
+    with progress_bar(len(runners) * (settings.warmup + settings.repeats), "bench decode", progress) as bar:
+        measured = run_interleaved(runners, settings.repeats, settings.warmup, on_run=bar.update)
+    shortest = min(settings.contexts)
     results: list[DecodeResult] = []
-    runs = len(settings.contexts) * len(models) * (settings.warmup + settings.repeats)
-    with progress_bar(runs, "bench decode", progress) as bar:
-        for context in settings.contexts:
-            bar.set_postfix_str(f"N={context}")
-            prompt = torch.randint(0, settings.vocab, (1, context), generator=generator).to(device)
-            runners = {arch: make_decode_run(model, prompt, settings.decode_steps) for arch, model in models.items()}
-            measured = run_interleaved(runners, settings.repeats, settings.warmup, on_run=bar.update)
-            for arch, model in models.items():
-                prefill, per_token = zip(*measured[arch], strict=True)
-                cache_bytes = model.new_cache(1, device="meta", max_seq_len=context).nbytes()
-                results.append(DecodeResult(arch=arch, context=context, prefill_s=Spread.of(prefill),
-                                            decode_ms_per_token=Spread.of(per_token).scaled(1e3),
-                                            cache_bytes=cache_bytes))
+    for (n, arch), runs in measured.items():
+        prefill, per_token = zip(*runs, strict=True)
+        per_token_shortest = [per_token_s for _, per_token_s in measured[shortest, arch]]
+        cache_bytes = models[arch].new_cache(1, device="meta", max_seq_len=n).nbytes()
+        results.append(DecodeResult(arch=arch, context=n, prefill_s=Spread.of(prefill),
+                                    decode_ms_per_token=Spread.of(per_token).scaled(1e3),
+                                    decode_ratio_to_shortest=paired_ratio(per_token, per_token_shortest),
+                                    cache_bytes=cache_bytes))
     return models, results
 
 
-ROW = "{:>7}  {:<12} {:>28}  {:>28}  {:>12}"
+ROW = "{:>7}  {:<12} {:>28}  {:>28}  {:>8}  {:>12}"
 
 
 def format_table(results: list[DecodeResult]) -> str:
-    lines = [ROW.format("N", "arch", "prefill s median [min-max]", "decode ms/token [min-max]", "cache/seq")]
+    shortest = min(r.context for r in results)
+    lines = [ROW.format("N", "arch", "prefill s median [min-max]", "decode ms/token [min-max]", f"x N={shortest}",
+                        "cache/seq")]
     for r in results:
         lines.append(ROW.format(r.context, r.arch, r.prefill_s.format(3), r.decode_ms_per_token.format(2),
-                                format_bytes(r.cache_bytes)))
+                                f"{r.decode_ratio_to_shortest:.2f}x", format_bytes(r.cache_bytes)))
     return "\n".join(lines)
 
 
@@ -190,7 +201,8 @@ def run_decode(args: argparse.Namespace) -> int:
     models, results = benchmark_decode(settings, device, progress=not args.no_progress)
     for arch, model in models.items():
         print(f"{arch:<12} {model.num_params():>11,} params  d_model {model.config.d_model}")
-    print("decode: mean over the decoded tokens after a prefill of N tokens; cache: bytes per sequence at N\n")
+    print("decode: mean over the decoded tokens after a prefill of N tokens; x N0: that latency over the same "
+          "architecture's at the shortest context N0, per round, median; cache: bytes per sequence at N\n")
     print(format_table(results))
     plot_path = Path(args.plot_dir) / PLOT_FILE
     plot_decode(results, plot_path)

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import statistics
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,6 +44,7 @@ from bmojo.bench.common import (
     line_plot,
     machine_info,
     matched_configs,
+    paired_ratio,
     parse_choices,
     parse_int_list,
     print_json,
@@ -157,11 +157,6 @@ def make_train_step(model: nn.Module, tokens: torch.Tensor, precision: str) -> C
         model.zero_grad(set_to_none=True)
 
     return step
-
-
-def paired_ratio(reference_s: list[float], arch_s: list[float]) -> float:
-    """Median over rounds of ``reference time / arch time`` (the rounds of :func:`run_interleaved`)."""
-    return statistics.median(r / a for r, a in zip(reference_s, arch_s, strict=True))
 
 
 def compiled_models(models: dict[str, LanguageModel], device: torch.device) -> dict[str, nn.Module]:
