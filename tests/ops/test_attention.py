@@ -356,16 +356,21 @@ def test_bf16_gradients_match_the_fp32_reference():
 
 
 def test_blocked_path_keeps_neither_gathered_keys_nor_float32_probabilities(saved_for_backward):
-    """Under bf16 the backward keeps the probabilities in bf16 (the largest saved tensor) and
-    regathers each block's keys and values (each position several times over) instead of keeping them."""
+    """Under bf16 the backward keeps the probabilities in bf16 (the largest saved tensor), one
+    contiguous tensor per key set (a bf16 batched matmul on the CPU would copy a slice of a wider
+    row), and regathers each block's keys and values (each position several times over) instead
+    of keeping them."""
     l, C, W, Fs, M = 64, 8, 8, 8, 4
     inputs = make_inputs(l, 2, Fs, M, C, seed=14)
     leaves = {n: t if t is None or n == "mem_pos" else t.to(torch.bfloat16).requires_grad_() for n, t in inputs.items()}
     saved = saved_for_backward(lambda: union_attention_chunked(**leaves, window=W, fading_span=Fs, chunk_size=C))
     nq = l // C
     keys_per_block = 4 * C  # W = F = C: raw keys from blocks n-1 and n, fading keys from n-2 and n-1
-    probabilities = [t for t in saved if t.shape[-1] == keys_per_block + M]
-    assert len(probabilities) == 1 and probabilities[0].dtype == torch.bfloat16
+    rows = (B_ * 2 * nq, H // 2 * C)  # (b * hkv * nq, group * C): every query block's queries
+    probabilities = {t.shape[-1]: t for t in saved if t.shape[:-1] == rows}
+    assert probabilities.keys() == {keys_per_block, M, DH}  # the raw and fading keys', the memory's; the output
+    for keys in (keys_per_block, M):
+        assert probabilities[keys].dtype == torch.bfloat16 and probabilities[keys].is_contiguous()
     gathered = B_ * 2 * nq * keys_per_block * DH  # b * hkv * nq * K * dh: the keys (or values) of all blocks
     assert not [t for t in saved if t.numel() == gathered], [t.shape for t in saved]
     assert all(t.dtype == torch.bfloat16 for t in saved)

@@ -210,41 +210,44 @@ class _BlockAttention(torch.autograd.Function):
                 torch.add(key_scores(q_mem, mem_k), mem_bias, out=scores[..., K:])
         # The probabilities in the values' dtype: what the products use, and what the backward
         # keeps (half the bytes of float32 under autocast; they are the largest saved tensor).
-        p = torch.softmax(scores.view(n, R, K + M), dim=-1).to(v.dtype)  # [n, R, K+M]
-        out = torch.bmm(p[..., :K], values.reshape(n, K, dh))
+        # Cast per key set, each comes out contiguous: a bf16 batched matmul on the CPU copies
+        # an operand sliced out of a wider row first (float32 ones it reads in place).
+        probs = torch.softmax(scores.view(n, R, K + M), dim=-1)  # [n, R, K+M] float32
+        p_keys, p_mem = probs[..., :K].to(v.dtype), probs[..., K:].to(v.dtype)  # [n, R, K], [n, R, M]
+        out = torch.bmm(p_keys, values.reshape(n, K, dh))
         if M:
-            out.baddbmm_(p[..., K:], mem_v.reshape(n, M, dh))
+            out.baddbmm_(p_mem, mem_v.reshape(n, M, dh))
         ctx.starts = raw_starts, fading_starts
-        ctx.save_for_backward(q, k, v, kf, vf, q_mem, mem_k, mem_v, p, out)
+        ctx.save_for_backward(q, k, v, kf, vf, q_mem, mem_k, mem_v, p_keys, p_mem, out)
         return out.view(b, hkv, nq, R, dh)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, d_out):
-        q, k, v, kf, vf, q_mem, mem_k, mem_v, p, out = ctx.saved_tensors
+        q, k, v, kf, vf, q_mem, mem_k, mem_v, p_keys, p_mem, out = ctx.saved_tensors
         raw_starts, fading_starts = ctx.starts
         b, hkv, nq, R, dh = q.shape
         key_sets, value_sets = _block_sets(k, v, raw_starts, kf, vf, fading_starts)
         keys, values = _gather_blocks(key_sets, nq), _gather_blocks(value_sets, nq)  # [b, hkv, nq, K, dh]
-        n, K, M = p.shape[0], keys.shape[3], p.shape[2] - keys.shape[3]
+        n, M = p_keys.shape[0], p_mem.shape[2]
         d_out = d_out.reshape(n, R, dh).contiguous()
         row = (d_out.float() * out.float()).sum(-1, keepdim=True)  # = rowsum(dP ∘ P), [n, R, 1]
 
-        def grads(query, keys, values, cols):  # one key set's d query, d keys, d values
+        def grads(query, keys, values, probs):  # one key set's d query, d keys, d values; probs [n, R, keys]
             shape = keys.shape
             keys, values = keys.reshape(n, shape[3], dh), values.reshape(n, shape[3], dh)
             query = query.reshape(n, R, dh)
             d_probs = torch.bmm(d_out, values.mT)  # [n, R, keys]
-            d_scores = d_probs.float().sub_(row).mul_(p[..., cols]).to(q.dtype)
+            d_scores = d_probs.float().sub_(row).mul_(probs).to(q.dtype)
             return (torch.bmm(d_scores, keys), torch.bmm(d_scores.mT, query).view(shape),
-                    torch.bmm(p[..., cols].mT, d_out).view(shape))
+                    torch.bmm(probs.mT, d_out).view(shape))
 
-        dq, d_keys, d_values = grads(q, keys, values, slice(0, K))
+        dq, d_keys, d_values = grads(q, keys, values, p_keys)
         dk, *dkf = _gather_blocks_backward(d_keys, key_sets)
         dv, *dvf = _gather_blocks_backward(d_values, value_sets)
         dq_mem = dmem_k = dmem_v = None
         if M:
-            dq_mem, dmem_k, dmem_v = grads(q_mem, mem_k, mem_v, slice(K, K + M))
+            dq_mem, dmem_k, dmem_v = grads(q_mem, mem_k, mem_v, p_mem)
             dq_mem = dq_mem.view(q.shape)
         return (dq.view(q.shape), dk, dv, None, *(dkf or [None]), *(dvf or [None]), None, None,
                 dq_mem, dmem_k, dmem_v, None)
