@@ -96,12 +96,14 @@ def test_latency_ratio_to_the_shortest_context_pairs_runs_of_the_same_round(monk
     assert code == 0
     ratio = {r["context"]: r["decode_ratio_to_shortest"] for r in json_line(out)["results"]}
     assert ratio == {8: 1.0, 12: 1.5}
+    assert json_line(out)["settings"]["ratio_reference_context"] == 8
     assert "x N=8" in out
 
 
 @pytest.mark.parametrize(("flags", "message"), [
     (["--contexts", "16,0"], "--contexts: every value must be >= 1"),
     (["--contexts", "1k"], "--contexts: expected comma-separated integers"),
+    (["--contexts", "16,48,16"], "--contexts: each value once"),
     (["--decode-steps", "0"], "--decode-steps must be >= 1"),
     (["--warmup", "-1"], "--warmup must be >= 0"),
     (["--archs", "rnn"], "--archs: unknown value 'rnn'"),

@@ -77,13 +77,16 @@ class Spread:
 
 
 def parse_int_list(text: str, flag: str, minimum: int = 1) -> list[int]:
-    """``"512,1024"`` -> ``[512, 1024]``; ``ValueError`` naming ``flag`` for anything else."""
+    """``"512,1024"`` -> ``[512, 1024]``; ``ValueError`` naming ``flag`` for anything else (a value
+    repeated included: a sweep measures each point once)."""
     try:
         values = [int(part) for part in text.split(",")]
     except ValueError:
         raise ValueError(f"{flag}: expected comma-separated integers, got {text!r}") from None
     if any(v < minimum for v in values):
         raise ValueError(f"{flag}: every value must be >= {minimum}, got {text!r}")
+    if len(set(values)) != len(values):
+        raise ValueError(f"{flag}: each value once, got {text!r}")
     return values
 
 

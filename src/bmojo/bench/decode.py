@@ -10,7 +10,7 @@ is interleaved with all the others (:func:`~bmojo.bench.common.run_interleaved`:
 once), so a machine that speeds up or slows down during the benchmark moves every context alike;
 median and range over ``--repeats`` rounds. Batch 1, fp32 weights, no gradients.
 
-``× N0``: an architecture's per-token latency at ``N`` over its latency at the shortest context ``N0``,
+``x N0``: an architecture's per-token latency at ``N`` over its latency at the shortest context ``N0``,
 both from the same round, median over rounds (the issue's "latency at 32K ≤ 1.15× the latency at 1K").
 Measured one context after the other, a slowdown of the machine between them reads as a latency that
 grows with the context (docs/performance.md, "Where the issue's targets stand").
@@ -158,7 +158,7 @@ def benchmark_decode(settings: DecodeSettings, device: torch.device, progress: b
     return models, results
 
 
-ROW = "{:>7}  {:<12} {:>28}  {:>28}  {:>8}  {:>12}"
+ROW = "{:>7}  {:<12} {:>28}  {:>28}  {:>10}  {:>12}"
 
 
 def format_table(results: list[DecodeResult]) -> str:
@@ -212,6 +212,7 @@ def run_decode(args: argparse.Namespace) -> int:
             "command": "bench decode", **info,
             "settings": {"archs": settings.archs, "size": settings.size, "shapes": settings.shapes,
                          "vocab": settings.vocab, "contexts": settings.contexts,
+                         "ratio_reference_context": min(settings.contexts),
                          "decode_steps": settings.decode_steps, "repeats": settings.repeats,
                          "warmup": settings.warmup, "seed": settings.seed},
             "models": {arch: {"params": m.num_params(), "d_model": m.config.d_model} for arch, m in models.items()},

@@ -209,9 +209,10 @@ class _BlockAttention(torch.autograd.Function):
             if M:
                 torch.add(key_scores(q_mem, mem_k), mem_bias, out=scores[..., K:])
         # The probabilities in the values' dtype: what the products use, and what the backward
-        # keeps (half the bytes of float32 under autocast; they are the largest saved tensor).
-        # Cast per key set, each comes out contiguous: a bf16 batched matmul on the CPU copies
-        # an operand sliced out of a wider row first (float32 ones it reads in place).
+        # keeps (half the bytes of float32 under autocast; they are the largest saved tensors).
+        # Cast per key set: under bf16 each comes out contiguous, where a batched matmul on the
+        # CPU would first copy an operand sliced out of a wider row (in float32 they stay views
+        # of the union, which it reads in place).
         probs = torch.softmax(scores.view(n, R, K + M), dim=-1)  # [n, R, K+M] float32
         p_keys, p_mem = probs[..., :K].to(v.dtype), probs[..., K:].to(v.dtype)  # [n, R, K], [n, R, M]
         out = torch.bmm(p_keys, values.reshape(n, K, dh))
@@ -233,14 +234,14 @@ class _BlockAttention(torch.autograd.Function):
         d_out = d_out.reshape(n, R, dh).contiguous()
         row = (d_out.float() * out.float()).sum(-1, keepdim=True)  # = rowsum(dP ∘ P), [n, R, 1]
 
-        def grads(query, keys, values, probs):  # one key set's d query, d keys, d values; probs [n, R, keys]
+        def grads(query, keys, values, p):  # one key set's d query, d keys, d values; p [n, R, keys]
             shape = keys.shape
             keys, values = keys.reshape(n, shape[3], dh), values.reshape(n, shape[3], dh)
             query = query.reshape(n, R, dh)
             d_probs = torch.bmm(d_out, values.mT)  # [n, R, keys]
-            d_scores = d_probs.float().sub_(row).mul_(probs).to(q.dtype)
+            d_scores = d_probs.float().sub_(row).mul_(p).to(q.dtype)
             return (torch.bmm(d_scores, keys), torch.bmm(d_scores.mT, query).view(shape),
-                    torch.bmm(probs.mT, d_out).view(shape))
+                    torch.bmm(p.mT, d_out).view(shape))
 
         dq, d_keys, d_values = grads(q, keys, values, p_keys)
         dk, *dkf = _gather_blocks_backward(d_keys, key_sets)
