@@ -1,7 +1,7 @@
 """B'MOJO with features removed (dataclasses.replace of its config), every step interleaved: ms and ratio to the Transformer."""
-import sys, time, statistics, dataclasses, torch
+import sys, statistics, dataclasses, torch
 from bmojo.allocator import keep_freed_memory
-from bmojo.bench.common import matched_configs
+from bmojo.bench.common import matched_configs, paired_ratio, run_interleaved, timed
 from bmojo.bench.train import make_train_step
 from bmojo.config import LM_SIZES
 from bmojo.models.lm import LanguageModel
@@ -19,10 +19,7 @@ for name, cfg in variants.items():
     torch.manual_seed(0)
     steps[name] = make_train_step(LanguageModel(cfg), tokens, precision)
     steps[name](); steps[name]()
-times = {n: [] for n in steps}
-for _ in range(rounds):
-    for n, s in steps.items():
-        t = time.perf_counter(); s(); times[n].append(time.perf_counter() - t)
+times = run_interleaved({n: lambda s=s: timed(s, torch.device("cpu")) for n, s in steps.items()}, rounds, warmup=0)
 for n in steps:
-    r = statistics.median(a / c for a, c in zip(times["transformer"], times[n]))
+    r = paired_ratio(times["transformer"], times[n])
     print(f"{n:18s} {statistics.median(times[n])*1e3:7.1f} ms  x transformer {r:.3f}")

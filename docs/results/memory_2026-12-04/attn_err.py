@@ -1,7 +1,8 @@
 """The union attention's bf16 gradients against float64, and its fwd+bwd time, old (c8b3244) and new, paired."""
-import time, statistics, torch
+import statistics, torch
 from old_code import old_module
 from bmojo.allocator import keep_freed_memory
+from bmojo.bench.common import paired_ratio, run_interleaved, timed
 from bmojo.ops import attention as new
 keep_freed_memory(); torch.set_num_threads(2)
 old = old_module("ops/attention.py")
@@ -29,9 +30,5 @@ for dtype in (torch.bfloat16, torch.float32):
         out = mod.union_attention_chunked(leaves["q"], leaves["k"], leaves["v"], W, Fs, leaves["kf"], leaves["vf"],
                                           leaves["mem_k"], leaves["mem_v"], mem_pos, leaves["q_mem"], chunk_size=C)
         out.backward(d_out.to(dtype))
-    for _ in range(3): run(old); run(new)
-    t = {"old": [], "new": []}
-    for _ in range(21):
-        for name, mod in (("old", old), ("new", new)):
-            s = time.perf_counter(); run(mod); t[name].append(time.perf_counter() - s)
-    print(dtype, f"old {statistics.median(t['old'])*1e3:.2f} ms new {statistics.median(t['new'])*1e3:.2f} ms paired {statistics.median(a/b for a,b in zip(t['old'],t['new'])):.3f}x")
+    t = run_interleaved({name: lambda mod=mod: timed(lambda: run(mod), torch.device("cpu")) for name, mod in (("old", old), ("new", new))}, repeats=21, warmup=3)
+    print(dtype, f"old {statistics.median(t['old'])*1e3:.2f} ms new {statistics.median(t['new'])*1e3:.2f} ms paired {paired_ratio(t['old'], t['new']):.3f}x")

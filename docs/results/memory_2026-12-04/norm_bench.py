@@ -1,6 +1,7 @@
 """The norms' fast paths against their references alone, fwd+bwd, paired."""
-import time, statistics, torch
+import statistics, torch
 from bmojo.allocator import keep_freed_memory
+from bmojo.bench.common import paired_ratio, run_interleaved, timed
 from bmojo.ops import norm as N
 keep_freed_memory(); torch.set_num_threads(2)
 L = 1024
@@ -11,9 +12,5 @@ for label, ref, fast, call in (("rms fp32 input", N.rms_norm_reference, N.rms_no
                                ("gated bf16", N.gated_rms_norm_reference, N.gated_rms_norm, lambda f: f(yb, zb, w512, 1, 1e-5))):
     def run(f):
         out = call(f); out.backward(torch.ones_like(out))
-    for _ in range(5): run(ref); run(fast)
-    t = {"ref": [], "fast": []}
-    for _ in range(51):
-        for name, f in (("ref", ref), ("fast", fast)):
-            s = time.perf_counter(); run(f); t[name].append(time.perf_counter() - s)
-    print(label, f"ref {statistics.median(t['ref'])*1e3:.3f} ms fast {statistics.median(t['fast'])*1e3:.3f} ms paired {statistics.median(a/b for a,b in zip(t['ref'],t['fast'])):.2f}x")
+    t = run_interleaved({name: lambda f=f: timed(lambda: run(f), torch.device("cpu")) for name, f in (("ref", ref), ("fast", fast))}, repeats=51, warmup=5)
+    print(label, f"ref {statistics.median(t['ref'])*1e3:.3f} ms fast {statistics.median(t['fast'])*1e3:.3f} ms paired {paired_ratio(t['ref'], t['fast']):.2f}x")

@@ -1,11 +1,11 @@
 """Whole training steps with the old (c8b3244) union attention, SSD and norm formulas, and with the new ones, paired; peak memory of each."""
-import sys, time, statistics, torch
+import sys, statistics, torch
 from old_code import old_module
 import bmojo.layers.norm as norm_layer, bmojo.layers.mamba2 as mamba2_layer
 import bmojo.ops.attention as new_attention
 from bmojo.ops import norm as ops_norm
 from bmojo.allocator import keep_freed_memory
-from bmojo.bench.common import matched_configs
+from bmojo.bench.common import matched_configs, paired_ratio, run_interleaved, timed
 from bmojo.bench.train import make_train_step
 from bmojo.bench.memory import peak_bytes
 from bmojo.config import LM_SIZES
@@ -29,10 +29,9 @@ for arch in archs:
     step = make_train_step(model, tokens, precision)
     peaks = {}
     for name in versions: use(name); step(); peaks[name] = peak_bytes(step, torch.device("cpu")) / 2**20
-    times = {name: [] for name in versions}
-    for _ in range(rounds):
-        for name in versions:
-            use(name); start = time.perf_counter(); step(); times[name].append(time.perf_counter() - start)
+    def timed_with(name):
+        use(name); return timed(step, torch.device("cpu"))
+    times = run_interleaved({name: lambda name=name: timed_with(name) for name in versions}, rounds, warmup=0)
     print(f"{arch} {precision} L={L}: base {statistics.median(times['base'])*1e3:.1f} ms {peaks['base']:.1f} MiB, "
           f"new {statistics.median(times['new'])*1e3:.1f} ms {peaks['new']:.1f} MiB, "
-          f"paired speed-up {statistics.median(b / n for b, n in zip(times['base'], times['new'])):.3f}x", flush=True)
+          f"paired speed-up {paired_ratio(times['base'], times['new']):.3f}x", flush=True)

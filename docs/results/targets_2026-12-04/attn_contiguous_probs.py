@@ -10,11 +10,11 @@ gradients, bit for bit.
 import importlib.util
 import statistics
 import sys
-import time
 
 import torch
 
 from bmojo.allocator import keep_freed_memory
+from bmojo.bench.common import paired_ratio, run_interleaved, timed
 from bmojo.ops import attention as new
 
 keep_freed_memory()
@@ -51,16 +51,10 @@ def measure(dtype: torch.dtype) -> None:
     same = all(torch.equal(o, n) for o, n in zip(results["old"], results["new"], strict=True))
     print(f"L={L} {dtype}: output and gradients equal bit for bit: {same}")
 
-    for _ in range(3):
-        run(old)
-        run(new)
-    times = {"old": [], "new": []}
-    for _ in range(rounds):
-        for name, module in (("old", old), ("new", new)):
-            start = time.perf_counter()
-            run(module)
-            times[name].append(time.perf_counter() - start)
-    ratio = statistics.median(o / n for o, n in zip(times["old"], times["new"], strict=True))
+    runners = {name: lambda module=module: timed(lambda: run(module), torch.device("cpu"))
+               for name, module in (("old", old), ("new", new))}
+    times = run_interleaved(runners, rounds, warmup=3)
+    ratio = paired_ratio(times["old"], times["new"])
     print(f"L={L} {dtype}: old {statistics.median(times['old']) * 1e3:.2f} ms, "
           f"new {statistics.median(times['new']) * 1e3:.2f} ms, paired old/new {ratio:.3f}")
 

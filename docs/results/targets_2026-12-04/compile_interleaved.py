@@ -14,7 +14,7 @@ import time
 import torch
 
 from bmojo.allocator import keep_freed_memory
-from bmojo.bench.common import matched_configs
+from bmojo.bench.common import matched_configs, paired_ratio, run_interleaved, timed
 from bmojo.bench.train import make_train_step
 from bmojo.config import LM_SIZES
 from bmojo.models.lm import LanguageModel
@@ -37,16 +37,12 @@ for arch, config in configs.items():
         step()
         print(f"{arch} {mode}: first step {time.perf_counter() - start:.1f} s", flush=True)
         steps[arch, mode] = step
-times = {key: [] for key in steps}
-for _ in range(rounds):
-    for key, step in steps.items():
-        start = time.perf_counter()
-        step()
-        times[key].append(time.perf_counter() - start)
+times = run_interleaved({key: lambda step=step: timed(step, torch.device("cpu")) for key, step in steps.items()},
+                        rounds, warmup=0)
 
 
 def ratio(numerator, denominator):  # median over rounds of numerator time / denominator time
-    return statistics.median(n / d for n, d in zip(times[numerator], times[denominator], strict=True))
+    return paired_ratio(times[numerator], times[denominator])
 
 
 for key, seconds in times.items():

@@ -15,7 +15,7 @@ import time
 import torch
 
 from bmojo.allocator import keep_freed_memory
-from bmojo.bench.common import matched_configs
+from bmojo.bench.common import matched_configs, paired_ratio, run_interleaved
 from bmojo.config import LM_SIZES
 from bmojo.models.lm import LanguageModel
 
@@ -43,11 +43,9 @@ for arch in archs:
     torch.manual_seed(0)
     model = LanguageModel(configs[arch]).eval()
     decode_ms_per_token(model, prompts[1024])  # warm-up
-    times = {n: [] for n in contexts}
-    for _ in range(rounds):
-        for n in contexts:
-            times[n].append(decode_ms_per_token(model, prompts[n]))
-    ratio = statistics.median(long / short for short, long in zip(times[1024], times[32768], strict=True))
+    times = run_interleaved({n: lambda n=n, model=model: decode_ms_per_token(model, prompts[n]) for n in contexts},
+                            rounds, warmup=0)
+    ratio = paired_ratio(times[32768], times[1024])
     print(f"{arch:8s} decode ms/token at 1K {statistics.median(times[1024]):.2f} "
           f"[{min(times[1024]):.2f}-{max(times[1024]):.2f}], at 32K {statistics.median(times[32768]):.2f} "
           f"[{min(times[32768]):.2f}-{max(times[32768]):.2f}]; 32K / 1K per round, median {ratio:.2f}x", flush=True)
